@@ -1,0 +1,536 @@
+"""KMS agents: fetch one secret value by reference, from Vault/OpenBao or from JSON.
+
+The service only needs ``agent.get(path) -> bytes``; everything KMS-specific stays behind that call,
+so another KMS is one more class with a ``get`` method (plus a line in ``agent_from_config``).
+
+Errors say what kind of failure happened so the server can map them to a gRPC status in one place:
+
+- ``KmsUnavailable`` - the KMS could not answer (connection refused/reset, timeout, 5xx, sealed,
+  rate-limited). Retryable: the server reports UNAVAILABLE and the client may try again later.
+- ``KmsDenied`` - the KMS answered and refused: the token is invalid/expired/revoked
+  (``token_invalid`` is True) or valid but its policies don't allow this path.
+- ``KmsNotFound`` - no secret at that path, or the secret has no such field.
+- ``KmsConfigError`` - the agent or a reference is malformed (load-time mistakes).
+- ``KmsError`` - anything else (unexpected answers).
+
+No exception message or log line carries a secret value or a token: messages name the KMS address,
+the reference and the HTTP status only.
+
+References are ``"mount/path/to/secret#field"``; the field defaults to ``key`` because the original
+cczoo write_secrets.sh stored every secret as ``key=<value>``. For KV v2 the reference is the
+logical path (as ``vault kv get`` takes it), without ``data/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import requests
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger("asps.kms")
+
+DEFAULT_FIELD = "key"
+
+
+class KmsError(Exception):
+    """A KMS lookup failed (base class; also used for unexpected answers)."""
+
+
+class KmsUnavailable(KmsError):
+    """The KMS could not be reached or could not serve now (retryable)."""
+
+
+class KmsDenied(KmsError):
+    """The KMS refused: bad/expired/revoked token (``token_invalid``) or not allowed by its policies."""
+
+    def __init__(self, message: str, *, token_invalid: bool = False) -> None:
+        super().__init__(message)
+        self.token_invalid = token_invalid
+
+
+class KmsNotFound(KmsError):
+    """No secret at this path, or no such field in it."""
+
+
+class KmsConfigError(KmsError, ValueError):
+    """The agent's configuration or a secret reference is malformed."""
+
+
+@runtime_checkable
+class KmsAgent(Protocol):
+    """What the service needs from a KMS: the value of one secret reference, as bytes."""
+
+    def get(self, path: str) -> bytes: ...
+
+
+# --------------------------------------------------------------------------------------- references
+@dataclass(frozen=True)
+class SecretRef:
+    """A parsed reference: KMS path and the field inside the secret."""
+
+    path: str
+    field: str = DEFAULT_FIELD
+
+    def __str__(self) -> str:
+        return f"{self.path}#{self.field}"
+
+
+def parse_ref(ref: str, *, default_field: str = DEFAULT_FIELD) -> SecretRef:
+    """Split ``"a/b/c#field"``; refuse empty, ``.``/``..`` or empty segments (no path games)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise KmsConfigError("empty secret reference")
+    path, sep, field = ref.partition("#")
+    if sep and not field:
+        raise KmsConfigError(f"secret reference {ref!r}: empty field after '#'")
+    if "#" in field:
+        raise KmsConfigError(f"secret reference {ref!r}: more than one '#'")
+    path = path.strip("/")
+    segments = path.split("/")
+    if not path or any(s in ("", ".", "..") for s in segments):
+        raise KmsConfigError(f"secret reference {ref!r}: empty, '.' or '..' path segment")
+    if any(c.isspace() or c in "?%\\" for c in path) or not path.isprintable():
+        raise KmsConfigError(f"secret reference {ref!r}: whitespace or one of ?%\\ in the path")
+    return SecretRef(path, field or default_field)
+
+
+def _to_bytes(value: Any, where: str) -> bytes:
+    """Secret values are returned as bytes: str as UTF-8, bytes as is, other JSON as compact JSON."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if value is None:
+        raise KmsNotFound(f"{where}: value is null")
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------- Vault/OpenBao
+@dataclass(frozen=True)
+class _Mount:
+    path: str  # "occlum/1/" (with the trailing slash, as Vault reports it)
+    kv_version: int  # 1 or 2
+
+
+class VaultAgent:
+    """Reads secrets from a Vault or OpenBao KV engine (v1 or v2) with one token.
+
+    One pooled ``requests.Session``; each request has a connect and a read timeout; connection
+    errors, timeouts and 5xx answers are retried ``retries`` times with exponential backoff; 4xx
+    answers never are (a refusal does not improve by asking again). Mount versions are detected
+    once per mount with ``GET /v1/sys/internal/ui/mounts/<path>`` and cached.
+
+    Worst case for one ``get`` while the KMS is down or hung: about
+    ``(retries + 1) * timeout + backoff * (2**retries - 1)``; refused connections fail in
+    milliseconds plus the backoff pauses.
+
+    ``addr`` is a single base URL today. Every HTTP exchange goes through ``_send``, the one place
+    that would loop over several nodes if ``addr`` becomes a list (HA cluster failover).
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        token: str,
+        *,
+        ca_file: str | None = None,
+        timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        retries: int = 2,
+        backoff: float = 0.1,
+        kv_version: int | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.addr = self._check_addr(addr)
+        self._token = self._check_token(token)
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise KmsConfigError(f"Vault CA file {ca_file!r} not found")
+        if ca_file is not None and self.addr.startswith("http://"):
+            log.warning("Vault CA file given but %s is plain http; the CA file is unused", self.addr)
+        if kv_version not in (None, 1, 2):
+            raise KmsConfigError(f"kv_version must be 1 or 2, not {kv_version!r}")
+        if timeout <= 0 or connect_timeout <= 0 or retries < 0 or backoff < 0:
+            raise KmsConfigError("timeouts must be > 0, retries and backoff >= 0")
+        self.ca_file = ca_file
+        self.timeout = float(timeout)
+        self.connect_timeout = min(float(connect_timeout), self.timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.kv_version = kv_version
+        self._own_session = session is None
+        self._session = session or self._new_session()
+        self._mounts: dict[str, _Mount] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never the token
+        return f"VaultAgent(addr={self.addr!r})"
+
+    @staticmethod
+    def _check_addr(addr: str) -> str:
+        if not isinstance(addr, str):
+            raise KmsConfigError("Vault addr must be a string URL")
+        parsed = urllib.parse.urlsplit(addr.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise KmsConfigError(f"Vault addr {addr!r} is not an http(s) URL")
+        if parsed.query or parsed.fragment or parsed.username or parsed.password:
+            raise KmsConfigError(
+                f"Vault addr {parsed.scheme}://{parsed.hostname}: no query, fragment or user"
+            )
+        return addr.strip().rstrip("/")
+
+    @staticmethod
+    def _check_token(token: str) -> str:
+        # A header with control characters would make requests raise an error quoting the value.
+        if not isinstance(token, str) or not token.strip():
+            raise KmsConfigError("Vault token is empty")
+        token = token.strip()
+        if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+            raise KmsConfigError("Vault token contains whitespace, control or non-ASCII characters")
+        return token
+
+    @staticmethod
+    def _new_session() -> requests.Session:
+        session = requests.Session()
+        # Environment proxies, REQUESTS_CA_BUNDLE and .netrc must not silently redirect or re-trust
+        # the secret traffic; pass a session of your own to use them.
+        session.trust_env = False
+        session.max_redirects = 3
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+    def __enter__(self) -> VaultAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public ----------------------------------------------------------------------------------------
+    def get(self, path: str) -> bytes:
+        """The value of field ``path#field`` (default ``key``) as bytes."""
+        ref = parse_ref(path)
+        mount = self._mount_for(ref.path)
+        rel = ref.path[len(mount.path) :]
+        if not rel:
+            raise KmsConfigError(f"secret reference {ref.path!r} names the mount itself, not a secret in it")
+        api_path = f"{mount.path}data/{rel}" if mount.kv_version == 2 else ref.path
+        reply = self._send("GET", api_path)
+        body = self._json(reply, ref.path)
+        if reply.status_code == 404:
+            hint = (
+                " (KV v2 references omit 'data/')"
+                if mount.kv_version == 2 and rel.startswith("data/")
+                else ""
+            )
+            raise KmsNotFound(f"no secret at {ref.path} on {self.addr}{hint}")
+        self._raise_for_status(reply, body, ref.path)
+        data = body.get("data")
+        if mount.kv_version == 2:
+            data = data.get("data") if isinstance(data, dict) else None
+            if data is None:
+                raise KmsNotFound(f"secret {ref.path} on {self.addr} is deleted or destroyed")
+        if not isinstance(data, dict):
+            raise KmsError(f"unexpected answer for {ref.path} from {self.addr}: no data object")
+        if ref.field not in data:
+            names = ", ".join(sorted(map(str, data))) or "none"
+            raise KmsNotFound(
+                f"secret {ref.path} on {self.addr} has no field {ref.field!r} (fields: {names})"
+            )
+        return _to_bytes(data[ref.field], f"secret {ref}")
+
+    def check_token(self) -> None:
+        """Raise ``KmsDenied(token_invalid=True)`` unless the token is alive (lookup-self); for probes."""
+        reply = self._send("GET", "auth/token/lookup-self")
+        body = self._json(reply, "auth/token/lookup-self")
+        if reply.status_code == 403:
+            raise KmsDenied(
+                f"{self.addr} rejected the token: invalid, expired or revoked", token_invalid=True
+            )
+        self._raise_for_status(reply, body, "auth/token/lookup-self")
+
+    # -- mounts ----------------------------------------------------------------------------------------
+    def _mount_for(self, path: str) -> _Mount:
+        with self._lock:
+            for prefix, mount in self._mounts.items():
+                if f"{path}/".startswith(prefix):
+                    return mount
+        reply = self._send("GET", f"sys/internal/ui/mounts/{path}")
+        body = self._json(reply, path)
+        if reply.status_code == 404:
+            # Very old servers lack this endpoint; a configured version lets us read anyway.
+            if self.kv_version is None:
+                raise KmsError(
+                    f"{self.addr} cannot tell the KV version of {path} (no sys/internal/ui/mounts); "
+                    "configure kv_version"
+                )
+            return _Mount(path.split("/", 1)[0] + "/", self.kv_version)
+        if reply.status_code == 403 and "preflight" in " ".join(self._errors(body)):
+            # OpenBao/Vault say this both for a mount that does not exist and for one the token may not use.
+            self._raise_denied(path, mount_check=True)
+        self._raise_for_status(reply, body, path)
+        data = body.get("data") or {}
+        mount_path = data.get("path")
+        if not isinstance(mount_path, str) or not f"{path}/".startswith(mount_path) or not mount_path:
+            raise KmsNotFound(f"no secrets engine mounted for {path} on {self.addr}")
+        engine = data.get("type")
+        if engine not in ("kv", "generic", "cubbyhole"):
+            raise KmsError(f"{mount_path} on {self.addr} is a {engine!r} engine, not kv")
+        detected = int((data.get("options") or {}).get("version") or 1) if engine == "kv" else 1
+        if self.kv_version is not None and detected != self.kv_version:
+            raise KmsConfigError(
+                f"{mount_path} on {self.addr} is KV v{detected} but the policy says v{self.kv_version}"
+            )
+        mount = _Mount(mount_path, detected)
+        with self._lock:
+            self._mounts[mount_path] = mount
+        log.debug("kms: %s%s is KV v%d", self.addr, "/" + mount_path, detected)
+        return mount
+
+    # -- HTTP ------------------------------------------------------------------------------------------
+    def _send(self, method: str, api_path: str) -> requests.Response:
+        """One request with retries on connection errors, timeouts and 5xx; the only network call."""
+        url = f"{self.addr}/v1/{urllib.parse.quote(api_path, safe='/')}"
+        attempts = self.retries + 1
+        problem = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = self._session.request(
+                    method,
+                    url,
+                    headers={"X-Vault-Token": self._token, "Accept": "application/json"},
+                    timeout=(self.connect_timeout, self.timeout),
+                    verify=self.ca_file if self.ca_file else True,
+                )
+            except requests.exceptions.SSLError as exc:
+                if "timed out" not in str(exc):
+                    # A certificate problem will not fix itself: no retry, and it is not "unavailable".
+                    raise KmsError(f"TLS error talking to {self.addr}: {_short(exc)}") from None
+                problem = f"TLS handshake: {_short(exc)}"
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as exc:
+                problem = f"{type(exc).__name__}: {_short(exc)}"
+            except requests.RequestException as exc:
+                raise KmsError(
+                    f"request to {self.addr} failed: {type(exc).__name__}: {_short(exc)}"
+                ) from None
+            else:
+                if reply.status_code < 500:
+                    return reply
+                errors = "; ".join(self._errors(self._json(reply, api_path)))
+                problem = f"HTTP {reply.status_code}" + (f" ({errors})" if errors else "")
+            if attempt < attempts:
+                delay = self.backoff * (2 ** (attempt - 1))
+                log.warning(
+                    "kms: %s %s failed (%s), attempt %d/%d, retrying in %.2fs",
+                    self.addr,
+                    api_path,
+                    problem,
+                    attempt,
+                    attempts,
+                    delay,
+                )
+                time.sleep(delay)
+        raise KmsUnavailable(f"{self.addr} unavailable after {attempts} attempt(s): {problem}")
+
+    @staticmethod
+    def _json(reply: requests.Response, where: str) -> dict[str, Any]:
+        if not reply.content:
+            return {}
+        try:
+            body = reply.json()
+        except ValueError:
+            if reply.status_code < 300:
+                raise KmsError(f"malformed (non-JSON) answer for {where}: HTTP {reply.status_code}") from None
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    @staticmethod
+    def _errors(body: Mapping[str, Any]) -> list[str]:
+        errors = body.get("errors")
+        if not isinstance(errors, list):
+            return []
+        # Vault's own error strings (e.g. "permission denied"); bounded, whitespace flattened.
+        return [" ".join(str(e).split())[:200] for e in errors[:3] if str(e).strip()]
+
+    def _raise_for_status(self, reply: requests.Response, body: Mapping[str, Any], path: str) -> None:
+        status = reply.status_code
+        if 200 <= status < 300:
+            return
+        detail = "; ".join(self._errors(body))
+        suffix = f": {detail}" if detail else ""
+        if status == 403:
+            self._raise_denied(path)
+        if status == 404:
+            raise KmsNotFound(f"no secret at {path} on {self.addr}")
+        if status == 429:
+            raise KmsUnavailable(f"{self.addr} is rate-limiting (HTTP 429) reading {path}{suffix}")
+        if 300 <= status < 400:
+            raise KmsError(f"{self.addr} redirected reading {path} (HTTP {status}); redirect loop or standby")
+        raise KmsError(f"{self.addr} answered HTTP {status} reading {path}{suffix}")
+
+    def _raise_denied(self, path: str, *, mount_check: bool = False) -> None:
+        """Tell a dead token from a live one that lacks permission (Vault says 403 for both)."""
+        try:
+            self.check_token()
+        except KmsDenied:
+            raise
+        except KmsError as exc:  # the 403 came from a live server; say what the token check hit
+            raise KmsDenied(
+                f"{self.addr} refused reading {path} (HTTP 403; token check failed: {exc})"
+            ) from None
+        if mount_check:
+            raise KmsDenied(
+                f"{self.addr} refused reading {path}: no secrets engine there, or the token's policies "
+                "grant nothing on it (HTTP 403)"
+            )
+        raise KmsDenied(
+            f"{self.addr} refused reading {path}: the token's policies do not allow it (HTTP 403)"
+        )
+
+
+def _short(exc: BaseException) -> str:
+    """The innermost cause of a requests error, e.g. 'Connection refused' or 'Read timed out'."""
+    text = str(exc)
+    for marker in (
+        "Connection refused",
+        "Read timed out",
+        "timed out",
+        "Connection reset",
+        "Name or service",
+    ):
+        if marker in text:
+            return marker
+    return " ".join(text.split())[:160]
+
+
+# --------------------------------------------------------------------------------------- JSON
+class JsonAgent:
+    """Secrets held in memory: from the policy itself (``"kms": "none"``) or a separate JSON file.
+
+    ``values`` maps a reference to either a value (str or bytes) or an object of fields
+    (``{"occlum/1/image_key": {"key": "..."}}``, Vault's layout, so one policy's ``secrets`` map
+    works against both backends). ``get(ref)`` first looks ``ref`` up as a whole; otherwise it
+    splits ``path#field`` (field default ``key``).
+    """
+
+    def __init__(self, values: Mapping[str, Any], *, source: str = "inline") -> None:
+        if not isinstance(values, Mapping):
+            raise KmsConfigError(f"JSON secrets ({source}) must be an object")
+        checked: dict[str, bytes | dict[str, bytes]] = {}
+        for name, value in values.items():
+            if not isinstance(name, str) or not name:
+                raise KmsConfigError(f"JSON secrets ({source}): empty or non-string name")
+            if isinstance(value, str | bytes):
+                checked[name] = _to_bytes(value, name)
+            elif isinstance(value, Mapping):
+                fields: dict[str, bytes] = {}
+                for field, fv in value.items():
+                    if not isinstance(field, str) or not isinstance(fv, str | bytes):
+                        raise KmsConfigError(f"JSON secrets ({source}): {name}#{field} must be a string")
+                    fields[field] = _to_bytes(fv, f"{name}#{field}")
+                checked[name] = fields
+            else:
+                raise KmsConfigError(
+                    f"JSON secrets ({source}): {name} must be a string or an object of strings, "
+                    f"not {type(value).__name__}"
+                )
+        self._values = checked
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"JsonAgent(source={self.source!r}, names={len(self._values)})"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JsonAgent:
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise KmsConfigError(f"cannot read JSON secrets file {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            # json's message has line/column only, never the document text
+            raise KmsConfigError(f"JSON secrets file {path} is not valid JSON: {exc}") from None
+        return cls(values, source=str(path))
+
+    def get(self, path: str) -> bytes:
+        value = self._values.get(path)
+        field = DEFAULT_FIELD
+        if value is None:
+            base, sep, f = path.partition("#")
+            if sep:
+                value, field = self._values.get(base), f or DEFAULT_FIELD
+            else:
+                base = path
+            if value is None:
+                raise KmsNotFound(f"no secret named {base!r} in JSON secrets ({self.source})")
+            path = base
+        if isinstance(value, bytes):
+            if field != DEFAULT_FIELD:
+                raise KmsNotFound(
+                    f"{path} in JSON secrets ({self.source}) is a plain value, has no field {field!r}"
+                )
+            return value
+        if field not in value:
+            raise KmsNotFound(f"{path} in JSON secrets ({self.source}) has no field {field!r}")
+        return value[field]
+
+
+# --------------------------------------------------------------------------------------- factory
+def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
+    """Build an agent from policy-file settings.
+
+    - ``"vault"`` / ``"openbao"``: ``addr``, ``token`` (or ``app_token``), optional ``ca_file``,
+      ``timeout``, ``connect_timeout``, ``retries``, ``backoff``, ``kv_version``, ``session``.
+    - ``"json"``: ``file`` (path of a JSON secrets file) or ``values`` (a mapping).
+    - ``"none"``: ``values`` - the original's policy_no_kms.json with values inline.
+    Unknown options are refused so that a typo is not silently ignored.
+    """
+    kind = (kms or "").strip().lower()
+    if kind in ("vault", "openbao"):
+        allowed = {
+            "addr",
+            "token",
+            "app_token",
+            "ca_file",
+            "timeout",
+            "connect_timeout",
+            "retries",
+            "backoff",
+            "kv_version",
+            "session",
+        }
+        _refuse_unknown(kind, cfg, allowed)
+        token = cfg.get("token", cfg.get("app_token"))
+        if "addr" not in cfg or token is None:
+            raise KmsConfigError(f"kms {kind!r} needs 'addr' and a token")
+        options = {k: v for k, v in cfg.items() if k not in ("addr", "token", "app_token")}
+        return VaultAgent(cfg["addr"], token, **options)
+    if kind in ("json", "none"):
+        _refuse_unknown(kind, cfg, {"file", "values"})
+        if ("file" in cfg) == ("values" in cfg):
+            raise KmsConfigError(f"kms {kind!r} needs exactly one of 'file' or 'values'")
+        if "file" in cfg:
+            return JsonAgent.from_file(cfg["file"])
+        return JsonAgent(cfg["values"], source="inline")
+    raise KmsConfigError(f"unknown kms {kms!r} (expected vault, openbao, json or none)")
+
+
+def _refuse_unknown(kind: str, cfg: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise KmsConfigError(f"kms {kind!r}: unknown option(s) {', '.join(unknown)}")

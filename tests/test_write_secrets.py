@@ -1,0 +1,205 @@
+"""write_secrets.sh against a real OpenBao, read back with kms.VaultAgent and the tokens it printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from openbao import OpenBao, bao_bin_dir
+
+from kms import KmsDenied, VaultAgent
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "write_secrets.sh"
+IMAGE_KEY = re.compile(rb"^[0-9a-f]{2}(-[0-9a-f]{2}){15}$")  # `occlum gen-image-key` format
+NAMES = ("image_key", "rsa_prikey", "rsa_pubkey")
+
+
+def run_script(
+    server: OpenBao, cwd: Path, *args: str, token: str | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env.update(
+        {"VAULT_ADDR": server.addr, "PATH": f"{bao_bin_dir()}:{env.get('PATH', '/usr/bin:/bin')}", **extra}
+    )
+    if token:
+        env["VAULT_TOKEN"] = token
+    return subprocess.run(
+        [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def printed_tokens(stdout: str) -> dict[str, str]:
+    found = dict(re.findall(r"^APP(\d+)_TOKEN=(\S+)$", stdout, re.M))
+    assert set(found) == {"1", "2"}, stdout
+    return found
+
+
+def policy_template(path: Path, addr: str) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "kms": "vault",
+                "addr": addr,
+                "auth_method": "token",
+                "app_list": [
+                    {
+                        "id": 1,
+                        "mr_enclave": "ab" * 32,
+                        "app_token": "",
+                        "secrets": {"master_key": "occlum/1/image_key"},
+                    },
+                    {
+                        "id": 2,
+                        "mr_enclave": "cd" * 32,
+                        "app_token": "",
+                        "secrets": {"master_key": "occlum/2/image_key"},
+                    },
+                ],
+            }
+        )
+    )
+    path.chmod(0o644)
+
+
+def read_back_and_check_isolation(server: OpenBao, tokens: dict[str, str]) -> dict[str, dict[str, bytes]]:
+    values: dict[str, dict[str, bytes]] = {}
+    for app, other in (("1", "2"), ("2", "1")):
+        agent = VaultAgent(server.addr, tokens[app])
+        values[app] = {name: agent.get(f"occlum/{app}/{name}") for name in NAMES}
+        for name in NAMES:
+            with pytest.raises(KmsDenied) as info:
+                agent.get(f"occlum/{other}/{name}")
+            assert not info.value.token_invalid
+    for app in ("1", "2"):
+        v = values[app]
+        assert IMAGE_KEY.match(v["image_key"]), "image_key is 16 bytes as dash-separated lower-case hex"
+        private = serialization.load_pem_private_key(v["rsa_prikey"], password=None)
+        assert isinstance(private, rsa.RSAPrivateKey) and private.key_size == 3072
+        public = serialization.load_pem_public_key(v["rsa_pubkey"])
+        assert public.public_numbers() == private.public_key().public_numbers()
+    assert values["1"]["image_key"] != values["2"]["image_key"]
+    return values
+
+
+def assert_no_values_in(text: str, values: dict[str, dict[str, bytes]], *more: str) -> None:
+    for app_values in values.values():
+        for value in app_values.values():
+            body = (
+                value.decode()
+                .replace("-----BEGIN PUBLIC KEY-----", "")
+                .replace("-----BEGIN PRIVATE KEY-----", "")
+            )
+            assert body.strip().splitlines()[0] not in text
+    for secret in more:
+        assert secret not in text
+
+
+def test_fresh_server_init_kv1_tokens_policy_file_and_rerun(tmp_path: Path) -> None:
+    with OpenBao(tmp_path / "bao", initialize=False) as server:
+        work = tmp_path / "work"
+        work.mkdir()
+        policy = work / "policy_vault.json"
+        policy_template(policy, server.addr)
+        before = json.loads(policy.read_text())
+
+        result = run_script(server, work, "--policy", str(policy))
+        assert result.returncode == 0, result.stderr
+        tokens = printed_tokens(result.stdout)
+
+        init_file = work / "vault_init.json"
+        assert stat.S_IMODE(init_file.stat().st_mode) == 0o600
+        init = json.loads(init_file.read_text())
+        server.adopt_init(init["unseal_keys_b64"][0], init["root_token"])
+        assert server.kv_version("occlum/1/x") == 1 and server.kv_version("occlum/2/x") == 1
+
+        values = read_back_and_check_isolation(server, tokens)
+        everything = result.stdout + result.stderr
+        assert_no_values_in(everything, values, init["root_token"], init["unseal_keys_b64"][0])
+
+        # the policy file got exactly the two tokens, nothing else changed, and is private now
+        after = json.loads(policy.read_text())
+        assert [a["app_token"] for a in after["app_list"]] == [tokens["1"], tokens["2"]]
+        for entry in before["app_list"]:
+            entry["app_token"] = tokens[str(entry["id"])]
+        assert after == before
+        assert stat.S_IMODE(policy.stat().st_mode) == 0o600
+        assert not list(work.glob(".policy_vault.json.*")), "no temp file left behind"
+
+        # Restart: the server comes back sealed; a rerun unseals it from the init file and keeps the secrets.
+        server.stop()
+        server.start(unseal=False)
+        assert server.request("GET", "sys/seal-status")["sealed"] is True
+        rerun = run_script(server, work)
+        assert rerun.returncode == 0, rerun.stderr
+        assert "kept" in rerun.stderr
+        new_tokens = printed_tokens(rerun.stdout)
+        again = read_back_and_check_isolation(server, new_tokens)
+        assert again == values, "existing secrets are not rotated without --overwrite"
+        # the first tokens still work too
+        assert VaultAgent(server.addr, tokens["1"]).get("occlum/1/image_key") == values["1"]["image_key"]
+
+
+def test_given_token_kv2(openbao_kv2: OpenBao, tmp_path: Path) -> None:
+    server = openbao_kv2
+    result = run_script(server, tmp_path, token=server.root_token, KV_VERSION="2")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "vault_init.json").exists(), "no init when a token is given"
+    assert server.kv_version("occlum/1/x") == 2 and server.kv_version("occlum/2/x") == 2
+    tokens = printed_tokens(result.stdout)
+    values = read_back_and_check_isolation(server, tokens)
+    assert_no_values_in(result.stdout + result.stderr, values, server.root_token or "")
+    # --overwrite rotates
+    rotated = run_script(server, tmp_path, "--overwrite", token=server.root_token, KV_VERSION="2")
+    assert rotated.returncode == 0, rotated.stderr
+    assert VaultAgent(server.addr, tokens["1"]).get("occlum/1/image_key") != values["1"]["image_key"]
+
+
+def test_policy_file_without_app_2_is_refused_and_left_unchanged(
+    openbao_kv2: OpenBao, tmp_path: Path
+) -> None:
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"kms": "vault", "app_list": [{"id": 1, "app_token": ""}]}))
+    before = policy.read_text()
+    result = run_script(openbao_kv2, tmp_path, "--policy", str(policy), token=openbao_kv2.root_token)
+    assert result.returncode != 0
+    assert "no app_list entry with id 2" in result.stderr
+    assert policy.read_text() == before
+    assert "TOKEN" not in result.stdout, "checked before any token is created"
+    assert "wrote" not in result.stderr and "enabled" not in result.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    result = run_script(openbao_kv2, tmp_path, "--policy", str(broken), token=openbao_kv2.root_token)
+    assert result.returncode != 0 and "cannot read policy file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_token_and_bad_arguments(openbao_kv2: OpenBao, tmp_path: Path) -> None:
+    bad = run_script(openbao_kv2, tmp_path, token="s.not-a-real-token")
+    assert bad.returncode != 0 and "not accepted" in bad.stderr
+    assert "s.not-a-real-token" not in bad.stdout
+    assert run_script(openbao_kv2, tmp_path, "--kv-version", "3").returncode != 0
+    assert run_script(openbao_kv2, tmp_path, "--bogus").returncode != 0
+    helped = run_script(openbao_kv2, tmp_path, "--help")
+    assert helped.returncode == 0 and "--policy FILE" in helped.stdout and "VAULT_TOKEN" in helped.stdout
+
+
+def test_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is required (apt-get install shellcheck)"
+    result = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def openbao_kv2(tmp_path_factory: pytest.TempPathFactory):
+    with OpenBao(tmp_path_factory.mktemp("bao-kv2")) as server:
+        yield server
