@@ -1,0 +1,1051 @@
+"""RA-TLS evidence: certificates carrying SGX DCAP quotes, their verification, and appraisal.
+
+Three certificate shapes are made and read:
+
+* ``cczoo``: confidential-computing-zoo gRPC RA-TLS. Extension 1.2.840.113741.1 holds the raw quote;
+  report_data[0:32] = SHA256(DER SubjectPublicKeyInfo).
+* ``gramine``: what Gramine's ``tools/sgx/ra-tls/ra_tls_attest.c`` writes. Two extensions, each with
+  its own quote of the same enclave:
+  - the legacy one, whose OID bytes (``ra_tls.h``) wrongly include the ASN.1 tag and length, so it
+    reads 0.6.9.42.840.113741.1337.6 (the intended 1.2.840.113741.1337.6 is accepted too); its quote
+    has report_data[0:32] = SHA256(SPKI);
+  - TCG DICE tagged evidence 2.23.133.5.4.9: CBOR tag 60000 around [quote bstr, claims bstr], the
+    claims being a CBOR map {"pubkey-hash": bstr(CBOR [hash-alg-id, hash(SPKI)])}; that quote has
+    report_data[0:32] = SHA256(claims bytes).
+* DICE only (e.g. rats-rs): the second extension above on its own.
+
+Verification establishes genuineness only (the quote is valid, and it binds this certificate's own
+key); whether the enclave is wanted, and whether the certificate is within its dates, is appraisal
+against ``ReferenceValues``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import cbor2
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
+
+import dcap
+
+# --------------------------------------------------------------------------------------------------
+# Constants (formats are public facts; names are ours)
+
+OID_CCZOO_QUOTE = "1.2.840.113741.1"
+OID_GRAMINE_QUOTE = "1.2.840.113741.1337.6"
+# ra_tls.h's NON_STANDARD_INTEL_SGX_QUOTE_OID is {06 09 2A 86 48 86 F8 4D 8A 39 06}: the tag and length
+# of 1.2.840.113741.1337.6 are part of the OID's content bytes, so parsers read this OID instead.
+OID_GRAMINE_QUOTE_MISENCODED = "0.6.9.42.840.113741.1337.6"
+OID_TCG_DICE_TAGGED_EVIDENCE = "2.23.133.5.4.9"
+
+CBOR_TAG_SGX_QUOTE = 60000  # TCG_DICE_TAGGED_EVIDENCE_TEE_QUOTE_CBOR_TAG (ra_tls_common.h)
+CLAIM_PUBKEY_HASH = "pubkey-hash"
+# IANA "Named Information Hash Algorithm Registry" ids, as accepted by Gramine's verifier.
+IANA_HASH_SHA256 = 1
+_IANA_HASHES: dict[int, Callable[[bytes], Any]] = {
+    1: hashlib.sha256,
+    7: hashlib.sha384,
+    8: hashlib.sha512,
+}
+
+FORMATS = ("cczoo", "gramine")
+KEY_TYPES = ("p256", "p384", "rsa3072")
+DEFAULT_KEY_TYPE = {"cczoo": "p256", "gramine": "p384"}  # Gramine generates SECP384R1 keys
+DEFAULT_VALIDITY_SECONDS = 3600
+MAX_VALIDITY_SECONDS = 7 * 24 * 3600  # a quote-carrying certificate is a short-lived credential
+CLOCK_SKEW_SECONDS = 60  # notBefore is back-dated this much so a verifier slightly behind still accepts
+
+# Subjects (and issuers: the certificates are self-signed) used by the two originals.
+_GRAMINE_NAME = x509.Name(
+    [  # mbedtls writes "CN=RATLS,O=GramineDevelopers,C=US" in string order
+        x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GramineDevelopers"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+    ]
+)
+_CCZOO_NAME = x509.Name(
+    [  # sgx_ra_tls_impl.cc adds C, O, CN in this order
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Inc."),
+        x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
+    ]
+)
+
+TCB_UP_TO_DATE = "UpToDate"
+TCB_REVOKED = "Revoked"
+# Statuses a policy may opt in to. Revoked is deliberately absent: it can never be allowed.
+ALLOWABLE_TCB_STATUSES = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+)
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+class EvidenceError(Exception):
+    """Evidence malformed or not genuine. ``step`` names the failing check."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
+class ReferenceValuesError(ValueError):
+    """Reference values that cannot be used (raised at load time, naming the field)."""
+
+
+class QuoteProvider(Protocol):
+    def get_quote(self, report_data: bytes) -> bytes: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Minimal DER reading: enough to list a certificate's extensions exactly as written, including
+# duplicates and odd OIDs that x509 libraries refuse or normalise.
+
+
+def _der_tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """Read one DER element at ``pos``; return (tag, content_start, content_end)."""
+    if pos + 2 > end:
+        raise ValueError("truncated DER element")
+    tag = data[pos]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("multi-byte DER tags are not expected here")
+    first = data[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        n = first & 0x7F
+        if n == 0 or n > 4 or pos + n > end:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos : pos + n], "big")
+        if length < 0x80 or data[pos] == 0:
+            raise ValueError("non-minimal DER length")
+        pos += n
+    if pos + length > end:
+        raise ValueError("DER element overruns its container")
+    return tag, pos, pos + length
+
+
+def _der_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    out = []
+    pos = start
+    while pos < end:
+        tag, cs, ce = _der_tlv(data, pos, end)
+        out.append((tag, cs, ce))
+        pos = ce
+    return out
+
+
+def _oid_to_dotted(content: bytes) -> str:
+    if not content or content[-1] & 0x80:
+        raise ValueError("bad OID encoding")
+    arcs: list[int] = []
+    value = 0
+    for b in content:
+        value = (value << 7) | (b & 0x7F)
+        if not b & 0x80:
+            arcs.append(value)
+            value = 0
+    first = arcs[0]
+    head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
+    return ".".join(str(a) for a in head + arcs[1:])
+
+
+@dataclass(frozen=True)
+class RawExtension:
+    """One extension as it appears in the TBSCertificate (OID as decoded from its content bytes)."""
+
+    oid: str
+    critical: bool
+    value: bytes
+
+
+def raw_extensions(tbs: bytes) -> list[RawExtension]:
+    """List the extensions of a DER TBSCertificate in order, duplicates included."""
+    tag, cs, ce = _der_tlv(tbs, 0, len(tbs))
+    if tag != 0x30 or ce != len(tbs):
+        raise ValueError("TBSCertificate is not one SEQUENCE")
+    exts: list[RawExtension] = []
+    for tag, fs, fe in _der_children(tbs, cs, ce):
+        if tag != 0xA3:  # [3] EXPLICIT Extensions
+            continue
+        seq = _der_children(tbs, fs, fe)
+        if len(seq) != 1 or seq[0][0] != 0x30:
+            raise ValueError("extensions field is not one SEQUENCE")
+        for etag, es, ee in _der_children(tbs, seq[0][1], seq[0][2]):
+            if etag != 0x30:
+                raise ValueError("extension is not a SEQUENCE")
+            parts = _der_children(tbs, es, ee)
+            if len(parts) not in (2, 3) or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
+                raise ValueError("extension is not {OID, [critical], OCTET STRING}")
+            critical = False
+            if len(parts) == 3:
+                if parts[1][0] != 0x01 or parts[1][2] - parts[1][1] != 1:
+                    raise ValueError("extension criticality is not a BOOLEAN")
+                critical = tbs[parts[1][1]] != 0
+            oid = _oid_to_dotted(tbs[parts[0][1] : parts[0][2]])
+            exts.append(RawExtension(oid, critical, tbs[parts[-1][1] : parts[-1][2]]))
+    return exts
+
+
+# --------------------------------------------------------------------------------------------------
+# Key and certificate helpers
+
+
+def generate_key(key_type: str) -> PrivateKey:
+    """A fresh private key of the named type; it never leaves the process unless the caller saves it."""
+    if key_type == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "rsa3072":
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    raise ValueError(f"unknown key type {key_type!r} (expected one of {', '.join(KEY_TYPES)})")
+
+
+def spki_der(public_key: PublicKey) -> bytes:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    return public_key.public_bytes(serialization.Encoding.DER, fmt)
+
+
+def pubkey_hash(public_key: PublicKey) -> bytes:
+    """SHA256 of the DER SubjectPublicKeyInfo: what report_data (or the DICE claim) carries."""
+    return hashlib.sha256(spki_der(public_key)).digest()
+
+
+def dice_claims(public_key: PublicKey) -> bytes:
+    """Serialized claims map {"pubkey-hash": bstr(serialized [1, sha256(SPKI)])}, as Gramine writes it."""
+    hash_entry = cbor2.dumps([IANA_HASH_SHA256, pubkey_hash(public_key)])
+    return cbor2.dumps({CLAIM_PUBKEY_HASH: hash_entry})
+
+
+def dice_evidence(quote: bytes, claims: bytes) -> bytes:
+    """CBOR tag 60000 wrapping [quote, claims], both byte strings."""
+    return cbor2.dumps(cbor2.CBORTag(CBOR_TAG_SGX_QUOTE, [quote, claims]))
+
+
+def _report_data(first32: bytes, extra: bytes) -> bytes:
+    if len(extra) > 32:
+        raise ValueError("extra_report_data is at most 32 bytes")
+    return first32 + extra + bytes(32 - len(extra))
+
+
+def _sign_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+    # Gramine signs with SHA256 whatever the curve (mbedtls_x509write_crt_set_md_alg(SHA256)).
+    return hashes.SHA256()
+
+
+def cert_to_pem(cert_der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
+
+
+def key_to_pem(key: PrivateKey) -> bytes:
+    """Unencrypted PKCS#8 PEM (callers store it with mode 0600)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_key_pem(data: bytes) -> PrivateKey:
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("unsupported private key type")
+    return key
+
+
+def _get_quote(provider: QuoteProvider, report_data: bytes) -> bytes:
+    quote = provider.get_quote(report_data)
+    try:
+        parsed = dcap.parse_quote(quote)
+    except dcap.QuoteError as e:
+        raise dcap.ProviderError(f"provider returned an unparsable quote: {e}") from e
+    if parsed.report.report_data != report_data:
+        raise dcap.ProviderError("provider returned a quote for different report_data")
+    return quote
+
+
+def make_certificate(
+    provider: QuoteProvider,
+    *,
+    key_type: str | None = None,
+    fmt: str = "cczoo",
+    validity_seconds: int = DEFAULT_VALIDITY_SECONDS,
+    extra_report_data: bytes = b"",
+    now: int | None = None,
+    key: PrivateKey | None = None,
+) -> tuple[bytes, PrivateKey]:
+    """Make a key (unless given) and a self-signed certificate carrying a quote that binds it.
+
+    ``key_type`` defaults to p256 for cczoo and p384 (Gramine's curve) for gramine.
+    ``extra_report_data`` (<= 32 bytes) goes to report_data[32:64]; the rest stays zero.
+    Returns (certificate DER, private key).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if (
+        isinstance(validity_seconds, bool)
+        or not isinstance(validity_seconds, int)
+        or not 0 < validity_seconds <= MAX_VALIDITY_SECONDS
+    ):
+        raise ValueError(f"validity_seconds must be 1..{MAX_VALIDITY_SECONDS}")
+    if key is None:
+        key = generate_key(key_type or DEFAULT_KEY_TYPE[fmt])
+    public = key.public_key()
+    issued = int(time.time()) if now is None else int(now)
+    not_before = _dt.datetime.fromtimestamp(issued - CLOCK_SKEW_SECONDS, _dt.UTC)
+    not_after = _dt.datetime.fromtimestamp(issued + validity_seconds, _dt.UTC)
+
+    if fmt == "cczoo":
+        quote = _get_quote(provider, _report_data(pubkey_hash(public), extra_report_data))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_CCZOO_NAME)
+            .issuer_name(_CCZOO_NAME)
+            .serial_number(1)
+            .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_CCZOO_QUOTE), quote), False)
+        )
+    else:
+        # Two quotes, as ra_tls_attest.c: legacy (report_data = hash(SPKI)) and DICE (= hash(claims)).
+        legacy_quote = _get_quote(provider, _report_data(pubkey_hash(public), extra_report_data))
+        claims = dice_claims(public)
+        dice_quote = _get_quote(provider, _report_data(hashlib.sha256(claims).digest(), extra_report_data))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_GRAMINE_NAME)
+            .issuer_name(_GRAMINE_NAME)
+            .serial_number(1)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), False)
+            .add_extension(
+                x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_GRAMINE_QUOTE_MISENCODED), legacy_quote),
+                False,
+            )
+            .add_extension(
+                x509.UnrecognizedExtension(
+                    x509.ObjectIdentifier(OID_TCG_DICE_TAGGED_EVIDENCE), dice_evidence(dice_quote, claims)
+                ),
+                False,
+            )
+        )
+    builder = builder.public_key(public).not_valid_before(not_before).not_valid_after(not_after)
+    cert = builder.sign(key, _sign_hash(key))
+    return cert.public_bytes(serialization.Encoding.DER), key
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a genuine certificate proves about its enclave, plus the key it is bound to."""
+
+    mr_enclave: bytes
+    mr_signer: bytes
+    isv_prod_id: int
+    isv_svn: int
+    debug: bool
+    attributes: bytes
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    collateral_expiry: int
+    public_key: PublicKey
+    cert_der: bytes
+    not_before: int
+    not_after: int
+    evidence_format: str
+    report_data: bytes = b""
+    fmspc: bytes = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mr_enclave": self.mr_enclave.hex(),
+            "mr_signer": self.mr_signer.hex(),
+            "isv_prod_id": self.isv_prod_id,
+            "isv_svn": self.isv_svn,
+            "debug": self.debug,
+            "tcb_status": self.tcb_status,
+            "advisory_ids": list(self.advisory_ids),
+            "attributes": self.attributes.hex(),
+            "collateral_expiry": self.collateral_expiry,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "evidence_format": self.evidence_format,
+            "public_key_sha256": pubkey_hash(self.public_key).hex(),
+        }
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """One quote found in the certificate, and how it is meant to bind the key."""
+
+    source: str  # "cczoo" | "gramine-legacy" | "dice"
+    quote: bytes
+    claims: bytes | None = None  # serialized claims map (DICE only)
+
+
+_QUOTE_OIDS = {
+    OID_CCZOO_QUOTE: "cczoo",
+    OID_GRAMINE_QUOTE: "gramine-legacy",
+    OID_GRAMINE_QUOTE_MISENCODED: "gramine-legacy",
+    OID_TCG_DICE_TAGGED_EVIDENCE: "dice",
+}
+
+
+def _load_certificate(cert: bytes | str) -> tuple[bytes, x509.Certificate]:
+    data = cert.encode() if isinstance(cert, str) else bytes(cert)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            parsed = x509.load_pem_x509_certificate(data)
+            return parsed.public_bytes(serialization.Encoding.DER), parsed
+        return data, x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise EvidenceError("certificate", f"not an X.509 certificate: {e}") from e
+
+
+def _check_public_key(cert: x509.Certificate) -> PublicKey:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise EvidenceError("certificate", f"unusable public key: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise EvidenceError("certificate", f"unsupported public key type {type(key).__name__}")
+    return key
+
+
+def _check_self_signature(cert: x509.Certificate, key: PublicKey) -> None:
+    """The certificate is signed by its own key: nobody swapped the key or fields after signing."""
+    algo = cert.signature_hash_algorithm
+    if algo is None:
+        raise EvidenceError("certificate_signature", "signature algorithm without a hash is not supported")
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algo))
+        else:
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algo)
+    except InvalidSignature as e:
+        raise EvidenceError("certificate_signature", "not signed by the certificate's own key") from e
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise EvidenceError("certificate_signature", f"cannot check the signature: {e}") from e
+
+
+def _find_evidence(cert: x509.Certificate) -> list[tuple[str, bytes]]:
+    """The quote-carrying extensions; exactly one, or Gramine's legacy + DICE pair."""
+    try:
+        exts = raw_extensions(cert.tbs_certificate_bytes)
+    except ValueError as e:
+        raise EvidenceError("evidence_extension", f"cannot read the extensions: {e}") from e
+    found = [(e.oid, e.value) for e in exts if e.oid in _QUOTE_OIDS]
+    if not found:
+        raise EvidenceError(
+            "evidence_extension",
+            "no RA-TLS evidence extension (expected OID "
+            f"{OID_CCZOO_QUOTE}, {OID_GRAMINE_QUOTE} or {OID_TCG_DICE_TAGGED_EVIDENCE})",
+        )
+    oids = [oid for oid, _ in found]
+    dup = sorted({oid for oid in oids if oids.count(oid) > 1})
+    if dup:
+        raise EvidenceError("evidence_extension", f"evidence extension {dup[0]} appears more than once")
+    kinds = sorted(_QUOTE_OIDS[oid] for oid in oids)
+    if len(kinds) > 1 and kinds != ["dice", "gramine-legacy"]:
+        raise EvidenceError(
+            "evidence_extension",
+            f"more than one quote ({', '.join(oids)}); only Gramine's legacy + DICE pair may carry two",
+        )
+    return [(_QUOTE_OIDS[oid], value) for oid, value in found]
+
+
+def _decode_cbor(data: bytes, what: str) -> Any:
+    """Decode exactly one definite-length CBOR item with no trailing bytes and no duplicate keys."""
+    fp = io.BytesIO(data)
+    try:
+        item = cbor2.CBORDecoder(fp, allow_indefinite=False, allow_duplicate_keys=False, read_size=1).decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as e:
+        raise EvidenceError("dice_evidence", f"{what} is not valid CBOR: {e}") from e
+    if fp.tell() != len(data):
+        raise EvidenceError("dice_evidence", f"{what} has {len(data) - fp.tell()} trailing bytes")
+    return item
+
+
+def _parse_dice(value: bytes) -> _Evidence:
+    """CBOR tag 60000 [quote bstr, claims bstr]; the claims must carry a usable pubkey-hash."""
+    item = _decode_cbor(value, "tagged evidence")
+    if not isinstance(item, cbor2.CBORTag) or item.tag != CBOR_TAG_SGX_QUOTE:
+        raise EvidenceError("dice_evidence", f"tagged evidence is not CBOR tag {CBOR_TAG_SGX_QUOTE}")
+    body = item.value
+    if not isinstance(body, list | tuple) or len(body) != 2:
+        raise EvidenceError("dice_evidence", "tagged evidence is not a 2-element array [quote, claims]")
+    quote, claims = body
+    if not isinstance(quote, bytes) or not quote:
+        raise EvidenceError("dice_evidence", "quote element is not a non-empty byte string")
+    if not isinstance(claims, bytes) or not claims:
+        raise EvidenceError("dice_evidence", "claims element is not a non-empty byte string")
+    return _Evidence("dice", quote, claims)
+
+
+def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
+    """The claims map's pubkey-hash is the hash of this certificate's SPKI."""
+    claim_map = _decode_cbor(claims, "claims")
+    if not isinstance(claim_map, dict) or not claim_map:
+        raise EvidenceError("dice_evidence", "claims is not a non-empty CBOR map")
+    if any(not isinstance(k, str) or not k for k in claim_map):
+        raise EvidenceError("dice_evidence", "claims map keys must be non-empty text strings")
+    if CLAIM_PUBKEY_HASH not in claim_map:
+        raise EvidenceError("dice_evidence", f'claims carry no "{CLAIM_PUBKEY_HASH}"')
+    entry_bytes = claim_map[CLAIM_PUBKEY_HASH]
+    if not isinstance(entry_bytes, bytes) or not entry_bytes:
+        raise EvidenceError("dice_evidence", f'"{CLAIM_PUBKEY_HASH}" is not a byte string (serialized entry)')
+    entry = _decode_cbor(entry_bytes, CLAIM_PUBKEY_HASH)
+    if not isinstance(entry, list | tuple) or len(entry) != 2:
+        raise EvidenceError("dice_evidence", f'"{CLAIM_PUBKEY_HASH}" is not [hash-alg-id, hash]')
+    alg, digest = entry
+    if isinstance(alg, bool) or not isinstance(alg, int) or alg not in _IANA_HASHES:
+        raise EvidenceError("dice_evidence", f"unsupported hash-alg-id {alg!r} (expected 1, 7 or 8)")
+    expected = _IANA_HASHES[alg](spki).digest()
+    if not isinstance(digest, bytes) or len(digest) != len(expected):
+        raise EvidenceError("dice_evidence", f"pubkey-hash value is not a {len(expected)}-byte string")
+    if digest != expected:
+        raise EvidenceError("binding", "DICE claims carry the hash of another public key")
+
+
+def _check_binding(ev: _Evidence, quote: dcap.Quote, spki: bytes) -> None:
+    """report_data[0:32] commits to this certificate's key (directly, or via the DICE claims)."""
+    rd = quote.report.report_data
+    if ev.claims is None:
+        if rd[:32] != hashlib.sha256(spki).digest():
+            raise EvidenceError(
+                "binding", f"{ev.source} quote's report_data is not SHA256 of this certificate's public key"
+            )
+        return
+    if rd[:32] != hashlib.sha256(ev.claims).digest():
+        raise EvidenceError("binding", "DICE quote's report_data is not SHA256 of the claims packed with it")
+    _claimed_key_hash(ev.claims, spki)
+
+
+def _same_enclave(a: dcap.Quote, b: dcap.Quote) -> None:
+    """Gramine's two quotes must come from one enclave on one platform; only report_data may differ."""
+    if a.header != b.header:
+        raise EvidenceError("gramine_consistency", "legacy and DICE quotes have different headers")
+    blank = bytes(64)
+    if replace(a.report, report_data=blank) != replace(b.report, report_data=blank):
+        raise EvidenceError("gramine_consistency", "legacy and DICE quotes describe different enclaves")
+    if a.signature.attestation_key != b.signature.attestation_key:
+        raise EvidenceError("gramine_consistency", "legacy and DICE quotes have different attestation keys")
+
+
+def _verify_quote(verifier: Any, quote: bytes, now: int | None, source: str) -> Any:
+    try:
+        return verifier.verify(quote, now=now)
+    except dcap.VerificationError as e:
+        raise EvidenceError("quote_verification", f"{source} quote not genuine ({e.check}): {e}") from e
+    except dcap.DcapError as e:
+        raise EvidenceError("quote_verification", f"{source} quote: {type(e).__name__}: {e}") from e
+
+
+def _timestamp(d: _dt.datetime) -> int:
+    return int(d.timestamp())
+
+
+def verify_evidence(cert: bytes | str, verifier: Any, *, now: int | None = None) -> Identity:
+    """Check that the certificate carries a genuine quote binding its own key; return the identity.
+
+    The certificate's validity dates are not checked here (see ``ReferenceValues.appraise``).
+    Every failure raises EvidenceError naming its step.
+    """
+    der, parsed = _load_certificate(cert)
+    key = _check_public_key(parsed)
+    spki = spki_der(key)
+    _check_self_signature(parsed, key)
+    found = _find_evidence(parsed)
+
+    evidence: list[_Evidence] = []
+    for source, value in found:
+        evidence.append(_parse_dice(value) if source == "dice" else _Evidence(source, value))
+    quotes: list[dcap.Quote] = []
+    for ev in evidence:
+        try:
+            quotes.append(dcap.parse_quote(ev.quote))
+        except dcap.QuoteError as e:
+            raise EvidenceError("quote_parse", f"{ev.source} quote: {e}") from e
+    for ev, q in zip(evidence, quotes, strict=True):
+        _check_binding(ev, q, spki)
+    if len(quotes) == 2:
+        _same_enclave(quotes[0], quotes[1])
+
+    # Verify every quote: each one is a claim about this key, so each must be genuine.
+    results = [_verify_quote(verifier, ev.quote, now, ev.source) for ev in evidence]
+    main = next((r for ev, r in zip(evidence, results, strict=True) if ev.source == "dice"), results[0])
+    if len(results) == 2 and (results[0].status, results[0].advisory_ids) != (
+        results[1].status,
+        results[1].advisory_ids,
+    ):
+        raise EvidenceError("gramine_consistency", "legacy and DICE quotes verify to different TCB results")
+
+    sources = sorted(ev.source for ev in evidence)
+    fmt = "gramine" if sources == ["dice", "gramine-legacy"] else sources[0]
+    return Identity(
+        mr_enclave=bytes(main.mr_enclave),
+        mr_signer=bytes(main.mr_signer),
+        isv_prod_id=int(main.isv_prod_id),
+        isv_svn=int(main.isv_svn),
+        debug=bool(main.debug),
+        attributes=bytes(main.attributes),
+        tcb_status=str(main.status),
+        advisory_ids=tuple(main.advisory_ids),
+        collateral_expiry=min(int(r.collateral_expiry) for r in results),
+        public_key=key,
+        cert_der=der,
+        not_before=_timestamp(parsed.not_valid_before_utc),
+        not_after=_timestamp(parsed.not_valid_after_utc),
+        evidence_format=fmt,
+        report_data=bytes(main.report_data),
+        fmspc=bytes(getattr(main, "fmspc", b"")),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Appraisal
+
+
+@dataclass(frozen=True)
+class Decision:
+    accepted: bool
+    reason: str | None = None
+
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_RV_KEYS = (
+    "mr_enclave",
+    "mr_signer",
+    "isv_prod_id",
+    "min_isv_svn",
+    "allow_debug",
+    "allowed_tcb_statuses",
+    "refused_advisories",
+    "accepted_advisories",
+)
+
+
+def _field(where: str, name: str) -> str:
+    return f"{where}: {name}" if where else name
+
+
+def _parse_measurement(value: object, name: str) -> bytes:
+    """Exactly 64 hex characters (either case): anything else is a policy error, never a partial match."""
+    if isinstance(value, bytes | bytearray):
+        if len(value) != 32:
+            raise ReferenceValuesError(f"{name}: must be 32 bytes, got {len(value)}")
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ReferenceValuesError(f"{name}: must be a hex string, got {type(value).__name__}")
+    if value == "":
+        raise ReferenceValuesError(f"{name}: is empty (64 hex characters required)")
+    if re.fullmatch(r"[0-9a-fA-F]*", value) is None:
+        raise ReferenceValuesError(f"{name}: contains non-hex characters")
+    if len(value) % 2:
+        raise ReferenceValuesError(f"{name}: odd-length hex ({len(value)} characters, 64 required)")
+    if not _HEX64.fullmatch(value):
+        raise ReferenceValuesError(f"{name}: must be 64 hex characters (32 bytes), got {len(value)}")
+    return bytes.fromhex(value)
+
+
+def _parse_u16(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReferenceValuesError(f"{name}: must be an integer, got {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF:
+        raise ReferenceValuesError(f"{name}: must be 0..65535, got {value}")
+    return value
+
+
+def _parse_strings(value: object, name: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise ReferenceValuesError(f"{name}: must be a list of strings, got {type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        if not isinstance(v, str) or not v.strip() or v != v.strip():
+            raise ReferenceValuesError(f"{name}[{i}]: must be a non-empty string without surrounding spaces")
+        out.append(v)
+    return tuple(out)
+
+
+def _parse_tcb_statuses(value: object, name: str) -> frozenset[str]:
+    statuses = _parse_strings(value, name)
+    if not statuses:
+        raise ReferenceValuesError(f"{name}: empty (omit it to allow only UpToDate)")
+    for s in statuses:
+        if s == TCB_REVOKED:
+            raise ReferenceValuesError(f"{name}: Revoked can never be allowed")
+        if s not in ALLOWABLE_TCB_STATUSES:
+            raise ReferenceValuesError(
+                f"{name}: unknown TCB status {s!r} (allowed: {', '.join(ALLOWABLE_TCB_STATUSES)})"
+            )
+    return frozenset(statuses)
+
+
+@dataclass(frozen=True)
+class ReferenceValues:
+    """What one app's enclave must be. Constructed values are validated just like loaded ones.
+
+    ``mr_enclave``/``mr_signer``: the exact 32-byte values (None: not checked; at least one is set).
+    Revoked can never be allowed: asking for it is a load error, and appraise refuses it regardless.
+    ``refused_advisories`` refuses listed advisory IDs; ``accepted_advisories`` refuses any ID not
+    listed. Neither given: advisories never refuse (Intel reports them even for UpToDate platforms).
+    """
+
+    mr_enclave: bytes | None = None
+    mr_signer: bytes | None = None
+    isv_prod_id: int | None = None
+    min_isv_svn: int | None = None
+    allow_debug: bool = False
+    allowed_tcb_statuses: frozenset[str] = field(default_factory=lambda: frozenset({TCB_UP_TO_DATE}))
+    refused_advisories: frozenset[str] | None = None
+    accepted_advisories: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in ("mr_enclave", "mr_signer"):
+            if getattr(self, name) is not None:
+                set_(self, name, _parse_measurement(getattr(self, name), name))
+        if self.mr_enclave is None and self.mr_signer is None:
+            raise ReferenceValuesError("mr_enclave/mr_signer: at least one is required")
+        for name in ("isv_prod_id", "min_isv_svn"):
+            if getattr(self, name) is not None:
+                _parse_u16(getattr(self, name), name)
+        if not isinstance(self.allow_debug, bool):
+            raise ReferenceValuesError("allow_debug: must be true or false")
+        statuses = _parse_tcb_statuses(self.allowed_tcb_statuses, "allowed_tcb_statuses")
+        set_(self, "allowed_tcb_statuses", statuses)
+        if self.refused_advisories is not None and self.accepted_advisories is not None:
+            raise ReferenceValuesError("refused_advisories/accepted_advisories: give one of them, not both")
+        for name in ("refused_advisories", "accepted_advisories"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(self, name, frozenset(a.upper() for a in _parse_strings(value, name)))
+
+    @classmethod
+    def from_dict(cls, d: object, *, where: str = "") -> ReferenceValues:
+        """Strict loader: unknown keys, wrong types and malformed hex are errors naming the field."""
+        if not isinstance(d, dict):
+            raise ReferenceValuesError(f"{where or 'reference values'}: must be an object")
+        unknown = sorted(set(d) - set(_RV_KEYS), key=str)
+        if unknown:
+            raise ReferenceValuesError(f"{_field(where, str(unknown[0]))}: unknown key")
+        kw: dict[str, Any] = {}
+        for name in ("mr_enclave", "mr_signer"):
+            if name in d:
+                kw[name] = _parse_measurement(d[name], _field(where, name))
+        for name in ("isv_prod_id", "min_isv_svn"):
+            if name in d:
+                kw[name] = _parse_u16(d[name], _field(where, name))
+        if "allow_debug" in d:
+            if not isinstance(d["allow_debug"], bool):
+                raise ReferenceValuesError(f"{_field(where, 'allow_debug')}: must be true or false")
+            kw["allow_debug"] = d["allow_debug"]
+        if "allowed_tcb_statuses" in d:
+            kw["allowed_tcb_statuses"] = _parse_tcb_statuses(
+                d["allowed_tcb_statuses"], _field(where, "allowed_tcb_statuses")
+            )
+        for name in ("refused_advisories", "accepted_advisories"):
+            if name in d:
+                kw[name] = frozenset(_parse_strings(d[name], _field(where, name)))
+        try:
+            return cls(**kw)
+        except ReferenceValuesError as e:
+            raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.mr_enclave is not None:
+            out["mr_enclave"] = self.mr_enclave.hex()
+        if self.mr_signer is not None:
+            out["mr_signer"] = self.mr_signer.hex()
+        if self.isv_prod_id is not None:
+            out["isv_prod_id"] = self.isv_prod_id
+        if self.min_isv_svn is not None:
+            out["min_isv_svn"] = self.min_isv_svn
+        out["allow_debug"] = self.allow_debug
+        out["allowed_tcb_statuses"] = sorted(self.allowed_tcb_statuses)
+        if self.refused_advisories is not None:
+            out["refused_advisories"] = sorted(self.refused_advisories)
+        if self.accepted_advisories is not None:
+            out["accepted_advisories"] = sorted(self.accepted_advisories)
+        return out
+
+    # -- checks, each returning a refusal reason or None --------------------------------------
+
+    def _measurement_refusal(self, identity: Identity) -> str | None:
+        if self.mr_enclave is not None and identity.mr_enclave != self.mr_enclave:
+            return f"mr_enclave {identity.mr_enclave.hex()} not in policy"
+        if self.mr_signer is not None and identity.mr_signer != self.mr_signer:
+            return f"mr_signer {identity.mr_signer.hex()} not in policy"
+        if self.isv_prod_id is not None and identity.isv_prod_id != self.isv_prod_id:
+            return f"isv_prod_id {identity.isv_prod_id} is not the policy's {self.isv_prod_id}"
+        return None
+
+    def _svn_refusal(self, identity: Identity) -> str | None:
+        if self.min_isv_svn is not None and identity.isv_svn < self.min_isv_svn:
+            return f"isv_svn {identity.isv_svn} below the policy's minimum {self.min_isv_svn}"
+        return None
+
+    def _debug_refusal(self, identity: Identity) -> str | None:
+        if identity.debug and not self.allow_debug:
+            return "debug enclave refused"
+        return None
+
+    def _tcb_refusal(self, identity: Identity) -> str | None:
+        if identity.tcb_status == TCB_REVOKED:
+            return "TCB status Revoked is never allowed"
+        if identity.tcb_status not in self.allowed_tcb_statuses:
+            return f"TCB status {identity.tcb_status} not allowed"
+        return None
+
+    def _advisory_refusal(self, identity: Identity) -> str | None:
+        ids = [a.upper() for a in identity.advisory_ids]
+        if self.refused_advisories is not None:
+            bad = sorted(a for a in ids if a in self.refused_advisories)
+            if bad:
+                return f"advisory {', '.join(bad)} refused by policy"
+        if self.accepted_advisories is not None:
+            bad = sorted(a for a in ids if a not in self.accepted_advisories)
+            if bad:
+                return f"advisory {', '.join(bad)} not in the policy's accepted advisories"
+        return None
+
+    def matches_identity(self, identity: Identity) -> bool:
+        """Measurement match only (mr_enclave, mr_signer, isv_prod_id): used to pick the app."""
+        return self._measurement_refusal(identity) is None
+
+    def appraise(self, identity: Identity, *, now: int | None = None, app: str = "") -> Decision:
+        """Accept only when every check passes; the first refusal is the reason."""
+        t = int(time.time()) if now is None else int(now)
+        checks: list[Callable[[Identity], str | None]] = [
+            lambda i: _validity_refusal(i, t),
+            self._measurement_refusal,
+            self._svn_refusal,
+            self._debug_refusal,
+            self._tcb_refusal,
+            self._advisory_refusal,
+        ]
+        for check in checks:
+            reason = check(identity)
+            if reason is not None:
+                return Decision(False, f"{reason} for app {app}" if app else reason)
+        return Decision(True, None)
+
+
+def _validity_refusal(identity: Identity, now: int) -> str | None:
+    if now < identity.not_before:
+        return f"certificate not yet valid (notBefore {_iso(identity.not_before)})"
+    if now > identity.not_after:
+        return f"certificate expired (notAfter {_iso(identity.not_after)})"
+    return None
+
+
+def _iso(t: int) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _hex32(value: str) -> bytes:
+    try:
+        return _parse_measurement(value, "value")
+    except ReferenceValuesError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("value: ")) from None
+
+
+_SIM_DEFAULTS: dict[str, Any] = {
+    "sim_dir": None,
+    "mr_enclave": None,
+    "mr_signer": None,
+    "isv_prod_id": 0,
+    "isv_svn": 0,
+    "debug": False,
+    "tcb": TCB_UP_TO_DATE,
+}
+_SIM_OPTIONS = tuple(_SIM_DEFAULTS)
+
+
+def _cmd_make(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {}
+    sim_only = [f"--{n.replace('_', '-')}" for n in _SIM_OPTIONS if getattr(args, n) != _SIM_DEFAULTS[n]]
+    if args.provider != "sim" and sim_only:
+        print(f"error: {', '.join(sim_only)}: only with --provider sim", file=sys.stderr)
+        return 2
+    if args.provider == "sim":
+        if not args.sim_dir:
+            print("error: --sim-dir is required with --provider sim", file=sys.stderr)
+            return 2
+        options = {
+            "sim_dir": args.sim_dir,
+            "isv_prod_id": args.isv_prod_id,
+            "isv_svn": args.isv_svn,
+            "debug": args.debug,
+            "tcb": args.tcb,
+        }
+        if args.mr_enclave is not None:
+            options["mr_enclave"] = args.mr_enclave
+        if args.mr_signer is not None:
+            options["mr_signer"] = args.mr_signer
+    try:
+        provider = dcap.get_provider(args.provider, **options)
+        cert_der, key = make_certificate(
+            provider, key_type=args.key_type, fmt=args.format, validity_seconds=args.validity
+        )
+    except (dcap.DcapError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _write_private(args.key, key_to_pem(key))
+    with open(args.cert, "wb") as f:
+        f.write(cert_to_pem(cert_der))
+    print(f"wrote {args.cert} ({args.format}) and {args.key}", file=sys.stderr)
+    return 0
+
+
+def _reference_values_from_args(args: argparse.Namespace) -> ReferenceValues | None:
+    if args.mr_enclave is None and args.mr_signer is None:
+        return None
+    d: dict[str, Any] = {"allow_debug": args.allow_debug}
+    if args.mr_enclave is not None:
+        d["mr_enclave"] = args.mr_enclave
+    if args.mr_signer is not None:
+        d["mr_signer"] = args.mr_signer
+    if args.isv_prod_id is not None:
+        d["isv_prod_id"] = args.isv_prod_id
+    if args.min_isv_svn is not None:
+        d["min_isv_svn"] = args.min_isv_svn
+    if args.allow_tcb:
+        d["allowed_tcb_statuses"] = sorted({TCB_UP_TO_DATE, *args.allow_tcb})
+    if args.refuse_advisory:
+        d["refused_advisories"] = args.refuse_advisory
+    if args.accept_advisory:
+        d["accepted_advisories"] = args.accept_advisory
+    return ReferenceValues.from_dict(d)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        policy = _reference_values_from_args(args)
+    except ReferenceValuesError as e:
+        print(f"error: reference values: {e}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.cert, "rb") as f:
+            cert = f.read()
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    now = args.now
+    identity: Identity | None = None
+    try:
+        source = dcap.open_collateral_source(args.collateral, args.pccs)
+        root = dcap.load_root_ca(args.root_ca)
+        verifier = dcap.Verifier(source, root_ca=root)
+        identity = verify_evidence(cert, verifier, now=now)
+    except EvidenceError as e:
+        decision = Decision(False, f"evidence not genuine: {e}")
+    except dcap.DcapError as e:  # collateral / root problems before any evidence was looked at
+        decision = Decision(False, f"cannot verify: {type(e).__name__}: {e}")
+    else:
+        if policy is None:
+            decision = Decision(False, "no policy given (pass --mr-enclave and/or --mr-signer)")
+        else:
+            decision = policy.appraise(identity, now=now)
+    if args.json:
+        out = {
+            "accepted": decision.accepted,
+            "reason": decision.reason,
+            "identity": identity.to_dict() if identity is not None else None,
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        if identity is not None:
+            for k, v in identity.to_dict().items():
+                print(f"{k}: {v}")
+        print("ACCEPTED" if decision.accepted else f"REFUSED: {decision.reason}")
+    return 0 if decision.accepted else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratls.py", description="Make and verify RA-TLS certificates.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make", help="make a key and a quote-carrying self-signed certificate")
+    m.add_argument("--provider", choices=("sim", "occlum", "gramine"), required=True)
+    m.add_argument("--sim-dir", help="simulated platform directory (sim provider)")
+    m.add_argument("--format", choices=FORMATS, default="cczoo")
+    m.add_argument("--key-type", choices=KEY_TYPES, help="default: p256 (cczoo), p384 (gramine)")
+    m.add_argument("--validity", type=int, default=DEFAULT_VALIDITY_SECONDS, help="seconds (default 3600)")
+    m.add_argument("--cert", required=True, help="output certificate (PEM)")
+    m.add_argument("--key", required=True, help="output private key (PEM, mode 0600)")
+    g = m.add_argument_group("sim provider: enclave identity and platform TCB")
+    g.add_argument("--mr-enclave", type=_hex32)
+    g.add_argument("--mr-signer", type=_hex32)
+    g.add_argument("--isv-prod-id", type=int, default=0)
+    g.add_argument("--isv-svn", type=int, default=0)
+    g.add_argument("--debug", action="store_true", help="debug enclave")
+    g.add_argument("--tcb", default=TCB_UP_TO_DATE, help="platform TCB level (default UpToDate)")
+    m.set_defaults(func=_cmd_make)
+
+    v = sub.add_parser("verify", help="verify a certificate and appraise it against reference values")
+    v.add_argument("cert", help="certificate (PEM or DER)")
+    v.add_argument("--collateral", help="collateral JSON file")
+    v.add_argument("--pccs", help="PCCS/PCS base URL")
+    v.add_argument("--root-ca", help="trusted root CA (default: Intel SGX Root CA shipped with ASPS)")
+    v.add_argument("--mr-enclave", help="expected MRENCLAVE (64 hex)")
+    v.add_argument("--mr-signer", help="expected MRSIGNER (64 hex)")
+    v.add_argument("--isv-prod-id", type=int)
+    v.add_argument("--min-isv-svn", type=int)
+    v.add_argument("--allow-debug", action="store_true")
+    v.add_argument("--allow-tcb", nargs="+", action="extend", default=[], metavar="STATUS")
+    v.add_argument("--refuse-advisory", nargs="+", action="extend", default=[], metavar="ID")
+    v.add_argument("--accept-advisory", nargs="+", action="extend", default=[], metavar="ID")
+    v.add_argument("--now", type=int, help="evaluate at this UNIX time")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_verify)
+    return p
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    if args.command == "verify" and bool(args.collateral) == bool(args.pccs):
+        print("error: give exactly one of --collateral FILE or --pccs URL", file=sys.stderr)
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
