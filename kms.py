@@ -6,7 +6,8 @@ so another KMS is one more class with a ``get`` method (plus a line in ``agent_f
 Errors say what kind of failure happened so the server can map them to a gRPC status in one place:
 
 - ``KmsUnavailable`` - the KMS could not answer (connection refused/reset, timeout, 5xx, sealed,
-  rate-limited). Retryable: the server reports UNAVAILABLE and the client may try again later.
+  rate-limited; with several Vault nodes: none of them could). Retryable: the server reports
+  UNAVAILABLE and the client may try again later.
 - ``KmsDenied`` - the KMS answered and refused: the token is invalid/expired/revoked
   (``token_invalid`` is True) or valid but its policies don't allow this path.
 - ``KmsNotFound`` - no secret at that path, or the secret has no such field.
@@ -15,6 +16,11 @@ Errors say what kind of failure happened so the server can map them to a gRPC st
 
 No exception message or log line carries a secret value or a token: messages name the KMS address,
 the reference and the HTTP status only.
+
+Vault/OpenBao HA: ``addr`` may list several nodes of one cluster (a list, or one comma-separated
+string); ``VaultAgent`` keeps using the node that last answered, moves on to the next one when a node
+cannot answer (down, hung, sealed, 5xx, a standby that redirects), and never sends a request Vault
+refused (403/400/404) again, to any node. One ``get`` is bounded by the agent's ``deadline``.
 
 References are ``"mount/path/to/secret#field"``; the field defaults to ``key`` because the original
 cczoo write_secrets.sh stored every secret as ``key=<value>``. For KV v2 the reference is the
@@ -28,7 +34,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -120,25 +126,55 @@ class _Mount:
     kv_version: int  # 1 or 2
 
 
+# Vault's KV v2 error text while a mount is upgrading/initialising ("... will resume service when the
+# primary is finished"): transient, so a node failure rather than a refusal of the request.
+_KV_NOT_READY = ("Waiting for the primary to upgrade",)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why one node could not give a verdict for one request (never carries a secret or token)."""
+
+    problem: str
+    retryable: bool = True  # worth asking this node again after a pause
+    tls: bool = False  # certificate/handshake problem (no retry; KmsError, not KmsUnavailable)
+    redirect: str | None = None  # the listed node a standby pointed at, if any
+
+
 class VaultAgent:
-    """Reads secrets from a Vault or OpenBao KV engine (v1 or v2) with one token.
+    """Reads secrets from a Vault or OpenBao KV engine (v1 or v2) with one token, from one node or
+    from any node of an HA cluster.
 
     One pooled ``requests.Session``; each request has a connect and a read timeout; connection
     errors, timeouts and 5xx answers are retried ``retries`` times with exponential backoff; 4xx
     answers never are (a refusal does not improve by asking again). Mount versions are detected
     once per mount with ``GET /v1/sys/internal/ui/mounts/<path>`` and cached.
 
-    Worst case for one ``get`` while the KMS is down or hung: about
-    ``(retries + 1) * timeout + backoff * (2**retries - 1)``; refused connections fail in
+    Several nodes (HA): ``addr`` may be a list of base URLs or one comma-separated string. A request
+    goes first to the node that last gave a verdict (sticky; initially the first listed), and on a
+    connection error, timeout, 5xx (sealed, "no active node"), 429 or redirect it goes on at once to
+    the next listed node; a *round* is one pass over the nodes, and rounds are retried ``retries``
+    times with the same backoff as for one node. A verdict (2xx, 403, 404, 400...) from any node ends
+    the request: a refused request is never sent again, neither to the same node nor to another. The
+    one 400 treated as "not ready" instead is KV v2's "Waiting for the primary to upgrade ..." which
+    a freshly promoted node answers for a moment after a failover.
+    Standbys answer for the active node: OpenBao 2.x standbys serve reads from their own replica by
+    default (eventually consistent: a mount or secret written milliseconds ago may still be absent
+    there) and forward the rest, or forward everything with ``disable_standby_reads``; standbys that
+    cannot forward answer 307 with the active node's address, which is followed only when it is one
+    of the listed nodes, so the token never goes to an address that is not configured.
+
+    Time: ``deadline`` bounds one ``get`` (mount detection, read and token check together); each
+    request's timeouts are cut to the time left. Default: the single-node worst case
+    ``(retries + 1) * timeout + backoff * (2**retries - 1)``. Refused connections fail in
     milliseconds plus the backoff pauses.
 
-    ``addr`` is a single base URL today. Every HTTP exchange goes through ``_send``, the one place
-    that would loop over several nodes if ``addr`` becomes a list (HA cluster failover).
+    Every HTTP exchange goes through ``_send``; redirects are never followed by ``requests`` itself.
     """
 
     def __init__(
         self,
-        addr: str,
+        addr: str | Sequence[str],
         token: str,
         *,
         ca_file: str | None = None,
@@ -146,32 +182,62 @@ class VaultAgent:
         connect_timeout: float = 2.0,
         retries: int = 2,
         backoff: float = 0.1,
+        deadline: float | None = None,
         kv_version: int | None = None,
         session: requests.Session | None = None,
     ) -> None:
-        self.addr = self._check_addr(addr)
+        self.addrs = self._check_addrs(addr)
+        self.addr = ",".join(self.addrs)  # the configured form; one URL for one node
         self._token = self._check_token(token)
         if ca_file is not None and not Path(ca_file).is_file():
             raise KmsConfigError(f"Vault CA file {ca_file!r} not found")
-        if ca_file is not None and self.addr.startswith("http://"):
+        if ca_file is not None and not any(a.startswith("https://") for a in self.addrs):
             log.warning("Vault CA file given but %s is plain http; the CA file is unused", self.addr)
         if kv_version not in (None, 1, 2):
             raise KmsConfigError(f"kv_version must be 1 or 2, not {kv_version!r}")
         if timeout <= 0 or connect_timeout <= 0 or retries < 0 or backoff < 0:
             raise KmsConfigError("timeouts must be > 0, retries and backoff >= 0")
+        if deadline is not None and deadline <= 0:
+            raise KmsConfigError("deadline must be > 0 seconds")
         self.ca_file = ca_file
         self.timeout = float(timeout)
         self.connect_timeout = min(float(connect_timeout), self.timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
+        self.deadline = (
+            float(deadline)
+            if deadline is not None
+            else (self.retries + 1) * self.timeout + self.backoff * (2**self.retries - 1)
+        )
         self.kv_version = kv_version
         self._own_session = session is None
         self._session = session or self._new_session()
         self._mounts: dict[str, _Mount] = {}
         self._lock = threading.Lock()
+        self._current = self.addrs[0]  # sticky: the node that gave the last verdict
 
     def __repr__(self) -> str:  # never the token
         return f"VaultAgent(addr={self.addr!r})"
+
+    @property
+    def current_addr(self) -> str:
+        """The node the next request goes to first (the last one that gave a verdict)."""
+        return self._current
+
+    @classmethod
+    def _check_addrs(cls, addr: str | Sequence[str]) -> tuple[str, ...]:
+        """One URL, a comma-separated string of URLs, or a list of URLs; duplicates dropped."""
+        if isinstance(addr, str):
+            parts = addr.split(",") if "," in addr else [addr]
+        elif isinstance(addr, Sequence) and all(isinstance(a, str) for a in addr):
+            parts = list(addr)
+        else:
+            raise KmsConfigError("Vault addr must be a URL, a comma-separated string or a list of URLs")
+        if not parts:
+            raise KmsConfigError("Vault addr lists no node")
+        if len(parts) > 1 and any(not p.strip() for p in parts):
+            raise KmsConfigError("Vault addr has an empty entry in its list of nodes")
+        return tuple(dict.fromkeys(cls._check_addr(p) for p in parts))
 
     @staticmethod
     def _check_addr(addr: str) -> str:
@@ -220,14 +286,15 @@ class VaultAgent:
 
     # -- public ----------------------------------------------------------------------------------------
     def get(self, path: str) -> bytes:
-        """The value of field ``path#field`` (default ``key``) as bytes."""
+        """The value of field ``path#field`` (default ``key``) as bytes, within ``deadline`` seconds."""
         ref = parse_ref(path)
-        mount = self._mount_for(ref.path)
+        deadline = time.monotonic() + self.deadline
+        mount = self._mount_for(ref.path, deadline)
         rel = ref.path[len(mount.path) :]
         if not rel:
             raise KmsConfigError(f"secret reference {ref.path!r} names the mount itself, not a secret in it")
         api_path = f"{mount.path}data/{rel}" if mount.kv_version == 2 else ref.path
-        reply = self._send("GET", api_path)
+        reply, node = self._send("GET", api_path, deadline)
         body = self._json(reply, ref.path)
         if reply.status_code == 404:
             hint = (
@@ -235,118 +302,205 @@ class VaultAgent:
                 if mount.kv_version == 2 and rel.startswith("data/")
                 else ""
             )
-            raise KmsNotFound(f"no secret at {ref.path} on {self.addr}{hint}")
-        self._raise_for_status(reply, body, ref.path)
+            raise KmsNotFound(f"no secret at {ref.path} on {node}{hint}")
+        self._raise_for_status(reply, body, ref.path, node, deadline)
         data = body.get("data")
         if mount.kv_version == 2:
             data = data.get("data") if isinstance(data, dict) else None
             if data is None:
-                raise KmsNotFound(f"secret {ref.path} on {self.addr} is deleted or destroyed")
+                raise KmsNotFound(f"secret {ref.path} on {node} is deleted or destroyed")
         if not isinstance(data, dict):
-            raise KmsError(f"unexpected answer for {ref.path} from {self.addr}: no data object")
+            raise KmsError(f"unexpected answer for {ref.path} from {node}: no data object")
         if ref.field not in data:
             names = ", ".join(sorted(map(str, data))) or "none"
-            raise KmsNotFound(
-                f"secret {ref.path} on {self.addr} has no field {ref.field!r} (fields: {names})"
-            )
+            raise KmsNotFound(f"secret {ref.path} on {node} has no field {ref.field!r} (fields: {names})")
         return _to_bytes(data[ref.field], f"secret {ref}")
 
     def check_token(self) -> None:
         """Raise ``KmsDenied(token_invalid=True)`` unless the token is alive (lookup-self); for probes."""
-        reply = self._send("GET", "auth/token/lookup-self")
+        self._lookup_self(time.monotonic() + self.deadline)
+
+    def _lookup_self(self, deadline: float) -> None:
+        reply, node = self._send("GET", "auth/token/lookup-self", deadline)
         body = self._json(reply, "auth/token/lookup-self")
         if reply.status_code == 403:
-            raise KmsDenied(
-                f"{self.addr} rejected the token: invalid, expired or revoked", token_invalid=True
-            )
-        self._raise_for_status(reply, body, "auth/token/lookup-self")
+            raise KmsDenied(f"{node} rejected the token: invalid, expired or revoked", token_invalid=True)
+        self._raise_for_status(reply, body, "auth/token/lookup-self", node, deadline)
 
     # -- mounts ----------------------------------------------------------------------------------------
-    def _mount_for(self, path: str) -> _Mount:
+    def _mount_for(self, path: str, deadline: float) -> _Mount:
         with self._lock:
             for prefix, mount in self._mounts.items():
                 if f"{path}/".startswith(prefix):
                     return mount
-        reply = self._send("GET", f"sys/internal/ui/mounts/{path}")
+        reply, node = self._send("GET", f"sys/internal/ui/mounts/{path}", deadline)
         body = self._json(reply, path)
         if reply.status_code == 404:
             # Very old servers lack this endpoint; a configured version lets us read anyway.
             if self.kv_version is None:
                 raise KmsError(
-                    f"{self.addr} cannot tell the KV version of {path} (no sys/internal/ui/mounts); "
+                    f"{node} cannot tell the KV version of {path} (no sys/internal/ui/mounts); "
                     "configure kv_version"
                 )
             return _Mount(path.split("/", 1)[0] + "/", self.kv_version)
         if reply.status_code == 403 and "preflight" in " ".join(self._errors(body)):
             # OpenBao/Vault say this both for a mount that does not exist and for one the token may not use.
-            self._raise_denied(path, mount_check=True)
-        self._raise_for_status(reply, body, path)
+            self._raise_denied(path, node, deadline, mount_check=True)
+        self._raise_for_status(reply, body, path, node, deadline)
         data = body.get("data") or {}
         mount_path = data.get("path")
         if not isinstance(mount_path, str) or not f"{path}/".startswith(mount_path) or not mount_path:
-            raise KmsNotFound(f"no secrets engine mounted for {path} on {self.addr}")
+            raise KmsNotFound(f"no secrets engine mounted for {path} on {node}")
         engine = data.get("type")
         if engine not in ("kv", "generic", "cubbyhole"):
-            raise KmsError(f"{mount_path} on {self.addr} is a {engine!r} engine, not kv")
+            raise KmsError(f"{mount_path} on {node} is a {engine!r} engine, not kv")
         detected = int((data.get("options") or {}).get("version") or 1) if engine == "kv" else 1
         if self.kv_version is not None and detected != self.kv_version:
             raise KmsConfigError(
-                f"{mount_path} on {self.addr} is KV v{detected} but the policy says v{self.kv_version}"
+                f"{mount_path} on {node} is KV v{detected} but the policy says v{self.kv_version}"
             )
         mount = _Mount(mount_path, detected)
         with self._lock:
             self._mounts[mount_path] = mount
-        log.debug("kms: %s%s is KV v%d", self.addr, "/" + mount_path, detected)
+        log.debug("kms: %s%s is KV v%d", node, "/" + mount_path, detected)
         return mount
 
     # -- HTTP ------------------------------------------------------------------------------------------
-    def _send(self, method: str, api_path: str) -> requests.Response:
-        """One request with retries on connection errors, timeouts and 5xx; the only network call."""
-        url = f"{self.addr}/v1/{urllib.parse.quote(api_path, safe='/')}"
-        attempts = self.retries + 1
-        problem = ""
-        for attempt in range(1, attempts + 1):
-            try:
-                reply = self._session.request(
-                    method,
-                    url,
-                    headers={"X-Vault-Token": self._token, "Accept": "application/json"},
-                    timeout=(self.connect_timeout, self.timeout),
-                    verify=self.ca_file if self.ca_file else True,
-                )
-            except requests.exceptions.SSLError as exc:
-                if "timed out" not in str(exc):
-                    # A certificate problem will not fix itself: no retry, and it is not "unavailable".
-                    raise KmsError(f"TLS error talking to {self.addr}: {_short(exc)}") from None
-                problem = f"TLS handshake: {_short(exc)}"
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-            ) as exc:
-                problem = f"{type(exc).__name__}: {_short(exc)}"
-            except requests.RequestException as exc:
-                raise KmsError(
-                    f"request to {self.addr} failed: {type(exc).__name__}: {_short(exc)}"
-                ) from None
-            else:
-                if reply.status_code < 500:
-                    return reply
-                errors = "; ".join(self._errors(self._json(reply, api_path)))
-                problem = f"HTTP {reply.status_code}" + (f" ({errors})" if errors else "")
-            if attempt < attempts:
-                delay = self.backoff * (2 ** (attempt - 1))
+    def _send(self, method: str, api_path: str, deadline: float) -> tuple[requests.Response, str]:
+        """Send one request until a node gives a verdict; return it with that node. The only network call.
+
+        Order: the sticky node, then the others as listed; a redirect to a listed node is tried next.
+        A node that failed retryably is asked again in the next round, after the backoff pause.
+        """
+        quoted = "/v1/" + urllib.parse.quote(api_path, safe="/")
+        rounds = self.retries + 1
+        failures: dict[str, _Failure] = {}  # latest failure per node, for the final message
+        attempts = 0
+        for round_no in range(1, rounds + 1):
+            start = self.addrs.index(self._current)
+            queue = [
+                n
+                for n in self.addrs[start:] + self.addrs[:start]
+                if n not in failures or failures[n].retryable
+            ]
+            if not queue:
+                break
+            asked: set[str] = set()
+            while queue:
+                node = queue.pop(0)
+                asked.add(node)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._unavailable(failures, attempts, deadline_hit=True)
+                attempts += 1
+                outcome = self._attempt(method, node, quoted, api_path, remaining)
+                if isinstance(outcome, requests.Response):
+                    if node != self._current:
+                        log.warning("kms: now using %s (was %s)", node, self._current)
+                        self._current = node
+                    return outcome, node
+                failures[node] = outcome
+                target = outcome.redirect
+                if target and target not in asked and failures.get(target, outcome).retryable:
+                    if target in queue:
+                        queue.remove(target)
+                    queue.insert(0, target)
+                if queue:
+                    log.warning(
+                        "kms: %s %s failed (%s); trying %s", node, api_path, outcome.problem, queue[0]
+                    )
+            if round_no < rounds and any(f.retryable for f in failures.values()):
+                delay = self.backoff * (2 ** (round_no - 1))
+                if time.monotonic() + delay >= deadline:
+                    raise self._unavailable(failures, attempts, deadline_hit=True)
                 log.warning(
                     "kms: %s %s failed (%s), attempt %d/%d, retrying in %.2fs",
                     self.addr,
                     api_path,
-                    problem,
-                    attempt,
-                    attempts,
+                    self._summary(failures),
+                    round_no,
+                    rounds,
                     delay,
                 )
                 time.sleep(delay)
-        raise KmsUnavailable(f"{self.addr} unavailable after {attempts} attempt(s): {problem}")
+        raise self._unavailable(failures, attempts, deadline_hit=False)
+
+    def _attempt(
+        self, method: str, node: str, quoted: str, api_path: str, remaining: float
+    ) -> requests.Response | _Failure:
+        """One HTTP exchange with one node: its verdict (a Response) or why it gave none."""
+        try:
+            reply = self._session.request(
+                method,
+                node + quoted,
+                headers={"X-Vault-Token": self._token, "Accept": "application/json"},
+                timeout=(min(self.connect_timeout, remaining), min(self.timeout, remaining)),
+                verify=self.ca_file if self.ca_file else True,
+                allow_redirects=False,
+            )
+        except requests.exceptions.SSLError as exc:
+            if "timed out" not in str(exc):
+                # A certificate problem will not fix itself: no retry, and it is not "unavailable".
+                return _Failure(_short(exc), retryable=False, tls=True)
+            return _Failure(f"TLS handshake: {_short(exc)}")
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ) as exc:
+            return _Failure(f"{type(exc).__name__}: {_short(exc)}")
+        except requests.RequestException as exc:
+            raise KmsError(f"request to {node} failed: {type(exc).__name__}: {_short(exc)}") from None
+        status = reply.status_code
+        if status >= 500:
+            errors = "; ".join(self._errors(self._json(reply, api_path)))
+            return _Failure(f"HTTP {status}" + (f" ({errors})" if errors else ""))
+        if status == 400 and reply.content:
+            # The one 400 that is not a refusal: KV v2 answers it while its mount is still being set up
+            # on a node that just became active (seen on OpenBao 2.7 right after a failover).
+            errors = "; ".join(self._errors(self._json(reply, api_path)))
+            if any(marker in errors for marker in _KV_NOT_READY):
+                return _Failure(f"HTTP 400 (KV mount not ready yet: {errors})")
+        if status == 429:
+            # Rate-limited (a quota): asking this node again at once would not help; another may answer.
+            return _Failure("HTTP 429 (rate-limited)", retryable=False)
+        if 300 <= status < 400:
+            # A standby that does not forward points at the active node (which may be the dead one).
+            target = self._listed_node(reply.headers.get("Location", ""))
+            where = target or "an address not in the configured list (not followed)"
+            return _Failure(f"HTTP {status} redirect to {where}", redirect=target)
+        return reply
+
+    def _listed_node(self, location: str) -> str | None:
+        """The configured node a redirect points at, or None (never follow to an unlisted address)."""
+        parts = urllib.parse.urlsplit(location)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+        for node in self.addrs:
+            known = urllib.parse.urlsplit(node)
+            if (known.scheme, known.hostname, known.port) == (parts.scheme, parts.hostname, parts.port):
+                return node
+        return None
+
+    def _summary(self, failures: Mapping[str, _Failure]) -> str:
+        if len(self.addrs) == 1:
+            return next(iter(failures.values())).problem if failures else "no attempt"
+        return "; ".join(f"{n}: {failures[n].problem}" for n in self.addrs if n in failures) or "no attempt"
+
+    def _unavailable(
+        self, failures: Mapping[str, _Failure], attempts: int, *, deadline_hit: bool
+    ) -> KmsError:
+        """The error for a request no node gave a verdict on (never names the token or a value)."""
+        where = self.addr if len(self.addrs) == 1 else f"all {len(self.addrs)} Vault nodes"
+        summary = self._summary(failures)
+        if failures and all(f.tls for f in failures.values()):
+            return KmsError(f"TLS error talking to {where}: {summary}")
+        if deadline_hit:
+            return KmsUnavailable(
+                f"{where} unavailable: deadline of {self.deadline:g}s reached after {attempts} "
+                f"attempt(s): {summary}"
+            )
+        return KmsUnavailable(f"{where} unavailable after {attempts} attempt(s): {summary}")
 
     @staticmethod
     def _json(reply: requests.Response, where: str) -> dict[str, Any]:
@@ -368,40 +522,34 @@ class VaultAgent:
         # Vault's own error strings (e.g. "permission denied"); bounded, whitespace flattened.
         return [" ".join(str(e).split())[:200] for e in errors[:3] if str(e).strip()]
 
-    def _raise_for_status(self, reply: requests.Response, body: Mapping[str, Any], path: str) -> None:
+    def _raise_for_status(
+        self, reply: requests.Response, body: Mapping[str, Any], path: str, node: str, deadline: float
+    ) -> None:
         status = reply.status_code
         if 200 <= status < 300:
             return
         detail = "; ".join(self._errors(body))
         suffix = f": {detail}" if detail else ""
         if status == 403:
-            self._raise_denied(path)
+            self._raise_denied(path, node, deadline)
         if status == 404:
-            raise KmsNotFound(f"no secret at {path} on {self.addr}")
-        if status == 429:
-            raise KmsUnavailable(f"{self.addr} is rate-limiting (HTTP 429) reading {path}{suffix}")
-        if 300 <= status < 400:
-            raise KmsError(f"{self.addr} redirected reading {path} (HTTP {status}); redirect loop or standby")
-        raise KmsError(f"{self.addr} answered HTTP {status} reading {path}{suffix}")
+            raise KmsNotFound(f"no secret at {path} on {node}")
+        raise KmsError(f"{node} answered HTTP {status} reading {path}{suffix}")
 
-    def _raise_denied(self, path: str, *, mount_check: bool = False) -> None:
+    def _raise_denied(self, path: str, node: str, deadline: float, *, mount_check: bool = False) -> None:
         """Tell a dead token from a live one that lacks permission (Vault says 403 for both)."""
         try:
-            self.check_token()
+            self._lookup_self(deadline)
         except KmsDenied:
             raise
         except KmsError as exc:  # the 403 came from a live server; say what the token check hit
-            raise KmsDenied(
-                f"{self.addr} refused reading {path} (HTTP 403; token check failed: {exc})"
-            ) from None
+            raise KmsDenied(f"{node} refused reading {path} (HTTP 403; token check failed: {exc})") from None
         if mount_check:
             raise KmsDenied(
-                f"{self.addr} refused reading {path}: no secrets engine there, or the token's policies "
+                f"{node} refused reading {path}: no secrets engine there, or the token's policies "
                 "grant nothing on it (HTTP 403)"
             )
-        raise KmsDenied(
-            f"{self.addr} refused reading {path}: the token's policies do not allow it (HTTP 403)"
-        )
+        raise KmsDenied(f"{node} refused reading {path}: the token's policies do not allow it (HTTP 403)")
 
 
 def _short(exc: BaseException) -> str:
@@ -494,8 +642,9 @@ class JsonAgent:
 def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
     """Build an agent from policy-file settings.
 
-    - ``"vault"`` / ``"openbao"``: ``addr``, ``token`` (or ``app_token``), optional ``ca_file``,
-      ``timeout``, ``connect_timeout``, ``retries``, ``backoff``, ``kv_version``, ``session``.
+    - ``"vault"`` / ``"openbao"``: ``addr`` (one URL, or several nodes as a list or a comma-separated
+      string), ``token`` (or ``app_token``), optional ``ca_file``, ``timeout``, ``connect_timeout``,
+      ``retries``, ``backoff``, ``deadline``, ``kv_version``, ``session``.
     - ``"json"``: ``file`` (path of a JSON secrets file) or ``values`` (a mapping).
     - ``"none"``: ``values`` - the original's policy_no_kms.json with values inline.
     Unknown options are refused so that a typo is not silently ignored.
@@ -511,6 +660,7 @@ def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
             "connect_timeout",
             "retries",
             "backoff",
+            "deadline",
             "kv_version",
             "session",
         }

@@ -28,6 +28,12 @@ killed at the end of the module. Modules that need a server of their own shape (
 TLS) build one with ``OpenBao(tmp_dir, initialize=False, tls=True)`` inside a ``with`` block or
 their own fixture. ``OpenBao.env()`` gives VAULT_ADDR/VAULT_TOKEN (and BAO_*) for CLI tools.
 
+HA: ``OpenBaoCluster(tmp_dir)`` (or the module-scoped fixture ``openbao_cluster``) runs 3 such
+servers as one raft cluster (``retry_join`` between them, init + unseal done by the helper) with
+``active()``, ``kill(i)``, ``start(i)``, ``addrs``, ``root_token`` and the admin helpers below run on
+the active node; see its docstring. ``OpenBao``'s keyword arguments ``port``, ``cluster_port``,
+``node_id``, ``peers``, ``raft_options`` and ``extra_config`` exist for it.
+
 Server shape: raft storage in a temp directory (OpenBao 2.x has no "file" backend; raft persists
 across restarts) with ``performance_multiplier = 1`` so the single node elects itself in about a
 second; TCP listener with TLS disabled on loopback unless ``tls=True`` (then a throwaway CA and a
@@ -45,6 +51,7 @@ stops it in the normal case.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import ctypes
 import datetime
@@ -58,7 +65,7 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +123,12 @@ class OpenBao:
         initialize: bool = True,
         tls: bool = False,
         startup_timeout: float = 20.0,
+        port: int | None = None,
+        cluster_port: int | None = None,
+        node_id: str = "node1",
+        peers: Sequence[str] = (),
+        raft_options: Mapping[str, str] | None = None,
+        extra_config: str = "",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +138,12 @@ class OpenBao:
         self.initialize = initialize
         self.tls = tls
         self.startup_timeout = startup_timeout
-        self.port = free_port()
-        self.cluster_port = free_port()
+        self.port = port or free_port()
+        self.cluster_port = cluster_port or free_port()
+        self.node_id = node_id
+        self.peers = tuple(peers)  # API addresses of other raft members to retry_join (cluster use)
+        self.raft_options = dict(raft_options or {})  # more `key = "value"` lines in the raft stanza
+        self.extra_config = extra_config  # more top-level HCL
         self.scheme = "https" if tls else "http"
         self.addr = f"{self.scheme}://127.0.0.1:{self.port}"
         self.ca_file: str | None = None
@@ -150,11 +167,14 @@ class OpenBao:
             )
         else:
             tls_lines = "  tls_disable = true\n"
+        joins = "".join(f'  {k} = "{v}"\n' for k, v in self.raft_options.items())
+        joins += "".join(f'  retry_join {{\n    leader_api_addr = "{peer}"\n  }}\n' for peer in self.peers)
         return (
             'storage "raft" {\n'
             f'  path = "{self.data_dir}"\n'
-            '  node_id = "node1"\n'
+            f'  node_id = "{self.node_id}"\n'
             "  performance_multiplier = 1\n"
+            f"{joins}"
             "}\n"
             'listener "tcp" {\n'
             f'  address = "127.0.0.1:{self.port}"\n'
@@ -164,6 +184,7 @@ class OpenBao:
             f'api_addr = "{self.addr}"\n'
             f'cluster_addr = "https://127.0.0.1:{self.cluster_port}"\n'
             'log_level = "warn"\n'
+            f"{self.extra_config}"
         )
 
     def _make_tls(self) -> None:
@@ -264,6 +285,17 @@ class OpenBao:
         init_file.write_text(json.dumps(body))
         init_file.chmod(0o600)
 
+    def raft_join(self, leader_api_addr: str) -> None:
+        """Ask this (uninitialised) node to join the raft cluster led by ``leader_api_addr`` now; it
+        completes the join when unsealed with the cluster's key."""
+        reply = self._session.post(
+            f"{self.addr}/v1/sys/storage/raft/join",
+            json={"leader_api_addr": leader_api_addr},
+            verify=self.ca_file or True,
+            timeout=10,
+        )
+        reply.raise_for_status()
+
     def adopt_init(self, unseal_key: str, root_token: str) -> None:
         """Record keys made by someone else's ``operator init`` (e.g. a script under test)."""
         self.unseal_key = unseal_key
@@ -292,6 +324,15 @@ class OpenBao:
             return dict(reply.json())
 
         self._wait(probe, deadline, "active node")
+
+    def health(self) -> int | None:
+        """HTTP status of ``sys/health`` (200 active, 429 standby, 501 uninitialised, 503 sealed), or
+        None when nothing answers."""
+        try:
+            reply = self._session.get(f"{self.addr}/v1/sys/health", verify=self.ca_file or True, timeout=2)
+        except requests.RequestException:
+            return None
+        return reply.status_code
 
     def _wait(self, probe: Any, deadline: float, what: str) -> dict[str, Any]:
         last: Exception | None = None
@@ -381,25 +422,28 @@ class OpenBao:
         data = self.request("GET", f"sys/internal/ui/mounts/{path.strip('/')}")["data"]
         return int((data.get("options") or {}).get("version") or 1)
 
-    def kv_put(self, path: str, fields: dict[str, str]) -> None:
-        """Write ``fields`` at logical path ``path`` (the mount's KV version is looked up)."""
-        path = path.strip("/")
-        info = self.request("GET", f"sys/internal/ui/mounts/{path}")["data"]
-        mount = info["path"]
-        version = int((info.get("options") or {}).get("version") or 1)
-        if version == 2:
-            self.request("POST", f"{mount}data/{path[len(mount) :]}", {"data": fields})
-        else:
-            self.request("POST", path, fields)
-
-    def kv_delete(self, path: str) -> None:
+    def _kv_api_path(self, path: str) -> tuple[str, int]:
+        """(API path of the data, KV version) for logical path ``path`` (the mount is looked up)."""
         path = path.strip("/")
         info = self.request("GET", f"sys/internal/ui/mounts/{path}")["data"]
         mount = info["path"]
         if int((info.get("options") or {}).get("version") or 1) == 2:
-            self.request("DELETE", f"{mount}data/{path[len(mount) :]}")
-        else:
-            self.request("DELETE", path)
+            return f"{mount}data/{path[len(mount) :]}", 2
+        return path, 1
+
+    def kv_put(self, path: str, fields: dict[str, str]) -> None:
+        """Write ``fields`` at logical path ``path`` (the mount's KV version is looked up)."""
+        api_path, version = self._kv_api_path(path)
+        self.request("POST", api_path, {"data": fields} if version == 2 else fields)
+
+    def kv_get(self, path: str) -> dict[str, Any]:
+        """The fields stored at logical path ``path`` (as root), read from this node."""
+        api_path, version = self._kv_api_path(path)
+        data = self.request("GET", api_path)["data"]
+        return dict(data["data"] if version == 2 else data)
+
+    def kv_delete(self, path: str) -> None:
+        self.request("DELETE", self._kv_api_path(path)[0])
 
     def put_policy(self, name: str, hcl: str) -> None:
         self.request("PUT", f"sys/policies/acl/{name}", {"policy": hcl})
@@ -433,6 +477,254 @@ class OpenBao:
         self.request("POST", "auth/token/revoke", {"token": token})
 
 
+# Autopilot adds joining nodes as non-voters and promotes them only after they have been stable for
+# server_stabilization_time (10 s by default), checked every autopilot_reconcile_interval (10 s).
+# Until then the leader is the only voter and its death leaves no quorum: nobody takes over. Test
+# clusters shorten both so that all nodes vote within a couple of seconds of joining.
+_CLUSTER_RAFT_OPTIONS = {"autopilot_reconcile_interval": "200ms", "autopilot_update_interval": "200ms"}
+_CLUSTER_STABILIZATION = "200ms"
+
+
+class OpenBaoCluster:
+    """``size`` OpenBao nodes (default 3) on 127.0.0.1 forming one raft HA cluster, for failover tests.
+
+    Why a real cluster: what standbys do with requests, and how long a takeover takes, is the
+    server's behaviour to observe, not ours to assume. (OpenBao 2.x standbys serve reads from their
+    own replica and forward writes; with the active node dead, reads on standbys keep working and
+    writes fail with 500 "active cluster node not found" until a new leader is elected.)
+
+    Usage::
+
+        with OpenBaoCluster(tmp_path / "ha") as cluster:        # started: 1 active, 2 standbys, 3 voters
+            token = cluster.add_app(1, {"image_key": "..."})    # admin helpers run on the active node
+            agent = VaultAgent(cluster.addrs, token)             # or ",".join(cluster.addrs)
+            i = cluster.active()                                 # index of the active node
+            cluster.kill(i)                                      # SIGKILL; data stays
+            j = cluster.active(wait=15)                          # a standby took over
+            cluster.start(i)                                     # back, unsealed, a standby again
+
+    or the module-scoped fixture ``openbao_cluster``. Each node is an :class:`OpenBao` (``nodes[i]``)
+    with its own raft directory, ``retry_join`` blocks naming the other nodes' API addresses and
+    PR_SET_PDEATHSIG; node 0 is initialised (1 key share) and unsealed first, then the others are
+    unsealed with the same key, which is when they join. ``start()`` returns once exactly one node
+    is active, the others are standbys and every node is a raft voter (about 5 s).
+
+    Admin helpers of :class:`OpenBao` (``enable_kv``, ``kv_put``, ``kv_get``, ``kv_delete``, ``put_policy``,
+    ``read_policy``, ``create_token``, ``revoke_token``, ``add_app``, ``request``, ``kv_version``,
+    ``env``) are available on the cluster and run against the node active at the time of the call.
+    """
+
+    _ADMIN = frozenset(
+        {
+            "enable_kv",
+            "kv_put",
+            "kv_get",
+            "kv_delete",
+            "put_policy",
+            "read_policy",
+            "create_token",
+            "revoke_token",
+            "add_app",
+            "request",
+            "kv_version",
+            "env",
+        }
+    )
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        size: int = 3,
+        startup_timeout: float = 30.0,
+        extra_config: str = "",
+    ) -> None:
+        """``extra_config``: more top-level HCL for every node, e.g. ``disable_standby_reads = true``
+        (standbys then forward every request to the active node instead of reading locally)."""
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.workdir = Path(workdir)
+        self.startup_timeout = startup_timeout
+        ports: list[int] = []
+        while len(ports) < 2 * size:  # api + cluster port per node, all distinct
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        self.addrs = [f"http://127.0.0.1:{ports[2 * i]}" for i in range(size)]
+        self.nodes = [
+            OpenBao(
+                self.workdir / f"node{i}",
+                initialize=i == 0,
+                startup_timeout=startup_timeout,
+                port=ports[2 * i],
+                cluster_port=ports[2 * i + 1],
+                node_id=f"node{i}",
+                peers=[a for j, a in enumerate(self.addrs) if j != i],
+                raft_options=_CLUSTER_RAFT_OPTIONS,
+                extra_config=extra_config,
+            )
+            for i in range(size)
+        ]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in OpenBaoCluster._ADMIN:
+            return getattr(self.admin, name)
+        raise AttributeError(name)
+
+    @property
+    def root_token(self) -> str | None:
+        return self.nodes[0].root_token
+
+    @property
+    def unseal_key(self) -> str | None:
+        return self.nodes[0].unseal_key
+
+    @property
+    def admin(self) -> OpenBao:
+        """The active node (waits briefly for one, e.g. right after a takeover)."""
+        return self.nodes[self.active(wait=self.startup_timeout)]
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self, i: int | None = None) -> OpenBaoCluster:
+        """Bring every node up (or only node ``i``, see ``start_node``); initialise on first start and
+        unseal; return when the cluster is fully formed."""
+        if i is not None:
+            self.start_node(i)
+            return self
+        deadline = time.monotonic() + self.startup_timeout
+        first = self.nodes[0]
+        if first.root_token is None:  # first start: node 0 initialises and becomes the leader alone
+            first.start()
+            first.request(
+                "POST",
+                "sys/storage/raft/autopilot/configuration",
+                {"server_stabilization_time": _CLUSTER_STABILIZATION},
+            )
+        pending = [i for i, node in enumerate(self.nodes) if not node.running]
+        for i in pending:  # processes started from this thread (PR_SET_PDEATHSIG follows the thread)
+            node = self.nodes[i]
+            fresh = not (node.data_dir / "raft").exists()
+            node.start(unseal=False)
+            node.adopt_init(first.unseal_key or "", first.root_token or "")
+            if fresh:  # retry_join would get there too, but only at its next 2 s tick
+                node.raft_join(first.addr)
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(pending))) as pool:
+            list(pool.map(lambda i: self.nodes[i].unseal(), pending))
+        self.wait_formed(deadline)
+        return self
+
+    def start_node(self, i: int) -> None:
+        """Restart node ``i`` (after ``kill``/``stop``), unseal it, wait until it serves as a member."""
+        node = self.nodes[i]
+        deadline = time.monotonic() + self.startup_timeout
+        node.start(unseal=False)
+        node.unseal()
+        while node.health() not in (200, 429):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node{i} did not rejoin; log:\n{node.log_tail()}")
+            time.sleep(0.05)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i`` (no step-down, no goodbye: the others must notice by themselves)."""
+        self.nodes[i].stop(kill=True)
+
+    def stop(self, i: int) -> None:
+        """SIGTERM node ``i`` (an orderly shutdown: an active node steps down first)."""
+        self.nodes[i].stop()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.close()
+
+    def __enter__(self) -> OpenBaoCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- state -----------------------------------------------------------------------------------------
+    def health(self) -> list[int | None]:
+        """``sys/health`` status per node (None for a node that does not answer)."""
+        return [node.health() if node.running else None for node in self.nodes]
+
+    def active(self, *, wait: float = 0.0) -> int:
+        """Index of the active node; waits up to ``wait`` seconds for one to exist."""
+        deadline = time.monotonic() + wait
+        while True:
+            codes = self.health()
+            if 200 in codes:
+                return codes.index(200)
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no active node (sys/health codes {codes})")
+            time.sleep(0.02)
+
+    def voters(self) -> dict[str, bool]:
+        """node_id -> voter flag, from the raft configuration as the active node sees it."""
+        servers = self.admin.request("GET", "sys/storage/raft/configuration")["data"]["config"]["servers"]
+        return {s["node_id"]: bool(s["voter"]) for s in servers}
+
+    def wait_formed(self, deadline: float | None = None) -> None:
+        """Wait until one running node is active, every other running node is a standby, and every
+        running node is a raft voter (so that any single node may die and the rest elect a leader)."""
+        deadline = deadline or time.monotonic() + self.startup_timeout
+        running = {f"node{i}" for i, node in enumerate(self.nodes) if node.running}
+        state: object = None
+        while time.monotonic() < deadline:
+            codes = [c for c in self.health() if c is not None]
+            if sorted(codes) == [200] + [429] * (len(running) - 1):
+                try:
+                    state = voters = self.voters()
+                except RuntimeError as exc:
+                    state = exc
+                else:
+                    if all(voters.get(n) for n in running):
+                        return
+            else:
+                state = self.health()
+            time.sleep(0.1)
+        logs = "\n".join(f"--- {n.node_id}\n{n.log_tail(10)}" for n in self.nodes)
+        raise RuntimeError(f"cluster not formed within {self.startup_timeout}s ({state}); logs:\n{logs}")
+
+    def wait_readable(self, *paths: str, timeout: float = 20.0) -> None:
+        """Wait until every running node serves each KV ``path`` (logical, as root). Standbys read from
+        their own replica: a mount or secret written a moment ago may still be missing there, and a
+        new KV v2 mount answers 400 "Waiting for the primary to upgrade ..." on a standby for a few
+        seconds."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            for path in paths:
+                while node.running:
+                    try:
+                        node.kv_get(path)
+                        break
+                    except (RuntimeError, requests.RequestException) as exc:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{node.node_id} does not serve {path}: {exc}") from None
+                        time.sleep(0.05)
+
+    def wait_replicated(self, timeout: float = 10.0) -> None:
+        """Wait until every running node has applied the leader's last raft index (standbys serve
+        reads from their own replica, so a test that reads through a standby waits for this)."""
+        deadline = time.monotonic() + timeout
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = self.admin.request("GET", "sys/storage/raft/autopilot/state")["data"]
+            servers = state.get("servers") or {}
+            leader = servers.get(state.get("leader"), {})
+            running = [f"node{i}" for i, node in enumerate(self.nodes) if node.running]
+            if leader and all(
+                servers.get(n, {}).get("last_index", -1) >= leader.get("last_index", 0) for n in running
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"standbys did not catch up within {timeout}s")
+
+
 @atexit.register
 def _stop_all() -> None:
     for server in list(_live):
@@ -449,3 +741,14 @@ def openbao_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def openbao_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoCluster]:
+    """A formed 3-node OpenBao raft cluster for one test module; every node killed at the end."""
+    cluster = OpenBaoCluster(tmp_path_factory.mktemp("openbao-ha"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
