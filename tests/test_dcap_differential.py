@@ -199,8 +199,7 @@ DIFFERENCES: dict[str, Difference] = {
     "pck_chain_without_root": Difference(
         "Intel's PckCertVerifier needs the root CA inside the quote's certification data "
         "(STATUS_SGX_ROOT_CA_MISSING); dcap-qvl (webpki) builds the path to its anchor without it.",
-        dcap="reject", qvl="UpToDate",
-        pending="dcap.py accepts a PCK chain without its root (reported to dcap-core)"),
+        dcap="reject", qvl="UpToDate"),
     "pck_chain_root_not_trusted_root": Difference(
         "Intel compares the chain's root with the trusted root; dcap-qvl ignores the chain's root and "
         "builds leaf -> intermediate -> its anchor.",
@@ -208,13 +207,11 @@ DIFFERENCES: dict[str, Difference] = {
     "tcb_signing_chain_without_root": Difference(
         "Intel's TCBSigningChain needs the root CA in the TCB info issuer chain; dcap-qvl builds the "
         "path to its anchor without it.",
-        dcap="reject", qvl="UpToDate",
-        pending="dcap.py accepts a TCB info issuer chain without its root (reported to dcap-core)"),
+        dcap="reject", qvl="UpToDate"),
     "qe_identity_chain_without_root": Difference(
         "As above for the QE identity issuer chain (Intel's EnclaveIdentityVerifier uses the same "
         "TCBSigningChain check).",
-        dcap="reject", qvl="UpToDate",
-        pending="dcap.py accepts a QE identity issuer chain without its root (reported to dcap-core)"),
+        dcap="reject", qvl="UpToDate"),
     "pck_crl_issuer_chain_foreign": Difference(
         "Intel verifies the PCK CRL issuer chain handed in with the collateral; dcap-qvl never reads "
         "pck_crl_issuer_chain (it checks CRL signatures against the quote's chain).",
@@ -310,7 +307,7 @@ REJECT_REASON: dict[str, str] = {
     "qe_identity_issued_in_future": "qe_identity_not_yet_valid",
     "collateral_expired": "root_ca_crl_expired",
     "collateral_not_yet_valid": "root_ca_crl_not_yet_valid",
-    "collateral_far_future": "root_ca_expired",
+    "collateral_far_future": "root_ca_crl_expired",
 }
 REJECT_REASON_BY_PREFIX = {"truncated_to_": "QuoteError", "unsupported_": "QuoteError",
                            "tee_type_": "QuoteError"}

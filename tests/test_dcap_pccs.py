@@ -1,0 +1,283 @@
+"""PccsCollateralSource against a small PCCS stand-in (http.server on 127.0.0.1) serving the real sample
+collateral the way PCCS does: signed JSON bodies, issuer chains as URL-encoded PEM in headers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import dcap
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO.parent / "shared" / "samples"
+API = "/sgx/certification/v4"
+
+
+class Pccs:
+    """Serves one collateral bundle per FMSPC; records every request path."""
+
+    def __init__(self, bundles: dict[str, tuple[dcap.Collateral, str]]) -> None:
+        self.bundles = bundles  # fmspc hex -> (collateral, ca)
+        self.requests: list[str] = []
+        self.fail_with: int | None = None
+        self.garbage = False
+        self.root_crl_hex = True
+        self.drop_header = False
+        self.spaced = False
+        pccs = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                pccs.requests.append(self.path)
+                status, body, headers = pccs.answer(self.path)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def any_bundle(self) -> dcap.Collateral:
+        return next(iter(self.bundles.values()))[0]
+
+    def answer(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        if self.fail_with:
+            return self.fail_with, b"oops", {}
+        url = urllib.parse.urlsplit(path)
+        q = dict(urllib.parse.parse_qsl(url.query))
+        if not url.path.startswith(API):
+            return 404, b"", {}
+        route = url.path[len(API) :]
+        enc = urllib.parse.quote
+        if route == "/tcb":
+            if q.get("fmspc", "").lower() not in self.bundles:
+                return 404, b"", {}
+            c = self.bundles[q["fmspc"].lower()][0]
+            sep = ": " if self.spaced else ":"
+            body = f'{{"tcbInfo"{sep}{c.tcb_info},"signature"{sep}"{c.tcb_info_signature.hex()}"}}'
+            if self.spaced:  # signature first, whitespace around: the exact tcbInfo bytes must survive
+                body = f'{{ "signature" : "{c.tcb_info_signature.hex()}",\n  "tcbInfo" :  {c.tcb_info} }}'
+            if self.garbage:
+                body = body[: len(body) // 2]
+            headers = {"Content-Type": "application/json"}
+            if not self.drop_header:
+                headers["TCB-Info-Issuer-Chain"] = enc(c.tcb_info_issuer_chain)
+            return 200, body.encode(), headers
+        if route == "/qe/identity":
+            c = self.any_bundle()
+            body = f'{{"enclaveIdentity":{c.qe_identity},"signature":"{c.qe_identity_signature.hex()}"}}'
+            return 200, body.encode(), {"SGX-Enclave-Identity-Issuer-Chain": enc(c.qe_identity_issuer_chain)}
+        if route == "/pckcrl":
+            matches = [c for c, ca in self.bundles.values() if ca == q.get("ca")]
+            if not matches or q.get("encoding") != "der":
+                return 404, b"", {}
+            return 200, matches[0].pck_crl, {"SGX-PCK-CRL-Issuer-Chain": enc(matches[0].pck_crl_issuer_chain)}
+        if route == "/rootcacrl":
+            crl = self.any_bundle().root_ca_crl
+            return 200, (crl.hex().encode() if self.root_crl_hex else crl), {}
+        return 404, b"", {}
+
+
+def case(name: str) -> tuple[bytes, dcap.Collateral, dict]:
+    path = SAMPLES / "real-dcap" / name if (SAMPLES / "real-dcap" / name).is_dir() else SAMPLES / name
+    return (
+        (path / "quote.bin").read_bytes(),
+        dcap.Collateral.from_json((path / "collateral.json").read_text()),
+        json.loads((path / "expected.json").read_text()),
+    )
+
+
+@pytest.fixture
+def zk():
+    quote, coll, exp = case("zkdcap-00906ed5-2025")
+    server = Pccs({exp["fmspc"].lower(): (coll, "processor")})
+    yield server, quote, coll, exp
+    server.close()
+
+
+def test_warm_verification_makes_no_request(zk):
+    server, quote, coll, exp = zk
+    source = dcap.PccsCollateralSource(server.url, timeout=5)
+    v = dcap.Verifier(source)
+    r = v.verify(quote, now=exp["now"])
+    assert r.status == exp["status"] and set(r.advisory_ids) == set(exp["advisory_ids"])
+    assert len(server.requests) == 4 and source.requests == 4
+    paths = sorted(urllib.parse.urlsplit(p).path for p in server.requests)
+    assert paths == [API + "/pckcrl", API + "/qe/identity", API + "/rootcacrl", API + "/tcb"]
+    assert any("ca=processor" in p and "encoding=der" in p for p in server.requests)
+    assert any(f"fmspc={exp['fmspc'].lower()}" in p.lower() for p in server.requests)
+    for _ in range(3):
+        assert v.verify(quote, now=exp["now"] + 60).status == exp["status"]
+    assert len(server.requests) == 4 and source.requests == 4
+    # the fetched bundle is byte-identical to the sample (the exact signed JSON survives)
+    assert source.get(bytes.fromhex(exp["fmspc"]), "processor", exp["now"]) == coll
+
+
+def test_next_update_is_honoured(zk):
+    server, quote, coll, exp = zk
+    source = dcap.PccsCollateralSource(server.url + API + "/")  # base with the API prefix works too
+    fmspc = bytes.fromhex(exp["fmspc"])
+    source.get(fmspc, "processor", exp["now"])
+    assert len(server.requests) == 4
+    expiry = dcap.collateral_next_update(coll)
+    assert exp["now"] < expiry
+    source.get(fmspc, "processor", expiry)
+    assert len(server.requests) == 4
+    source.get(fmspc, "processor", expiry + 1)
+    assert len(server.requests) == 8
+    # a verification past nextUpdate refetches, and then fails on the (still expired) collateral
+    with pytest.raises(dcap.VerificationError, match="expired"):
+        dcap.Verifier(source).verify(quote, now=expiry + 10)
+    assert len(server.requests) == 12
+
+
+def test_exact_signed_json_is_cut_out_of_spaced_bodies(zk):
+    server, quote, _, exp = zk
+    server.spaced = True
+    server.root_crl_hex = False  # DER root CA CRL, as Intel PCS serves it
+    r = dcap.Verifier(dcap.PccsCollateralSource(server.url)).verify(quote, now=exp["now"])
+    assert r.status == exp["status"]
+
+
+def test_platform_ca_case():
+    quote, coll, exp = case("signal-svr2-00606a-2026")
+    server = Pccs({exp["fmspc"].lower(): (coll, "platform")})
+    try:
+        r = dcap.Verifier(dcap.PccsCollateralSource(server.url)).verify(quote, now=exp["now"])
+        assert r.status == exp["status"] and r.pck_ca == "platform"
+        assert any("ca=platform" in p for p in server.requests)
+    finally:
+        server.close()
+
+
+def test_http_errors(zk):
+    server, _quote, _, exp = zk
+    fmspc = bytes.fromhex(exp["fmspc"])
+    for code, error in (
+        (500, dcap.CollateralUnavailable),
+        (503, dcap.CollateralUnavailable),
+        (404, dcap.CollateralError),
+        (400, dcap.CollateralError),
+    ):
+        server.fail_with = code
+        with pytest.raises(error, match=str(code)):
+            dcap.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
+    server.fail_with = None
+    with pytest.raises(dcap.CollateralError, match="404"):
+        dcap.PccsCollateralSource(server.url).get(b"\x01" * 6, "processor", exp["now"])
+    with pytest.raises(dcap.CollateralError, match="CA type"):
+        dcap.PccsCollateralSource(server.url).get(fmspc, "nonsense", exp["now"])
+
+
+def test_garbage_is_a_collateral_error(zk):
+    server, _quote, _, exp = zk
+    fmspc = bytes.fromhex(exp["fmspc"])
+    server.garbage = True
+    with pytest.raises(dcap.CollateralError, match="TCB info"):
+        dcap.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
+    server.garbage = False
+    server.drop_header = True
+    with pytest.raises(dcap.CollateralError, match="TCB-Info-Issuer-Chain"):
+        dcap.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_down_is_unavailable_quickly(zk):
+    _, quote, _, exp = zk
+    source = dcap.PccsCollateralSource(f"http://127.0.0.1:{free_port()}", timeout=2)
+    start = time.monotonic()
+    with pytest.raises(dcap.CollateralUnavailable, match="unreachable"):
+        dcap.Verifier(source).verify(quote, now=exp["now"])
+    assert time.monotonic() - start < 2
+
+
+def test_silent_server_times_out():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts connections (kernel backlog) but never answers
+        source = dcap.PccsCollateralSource(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
+        start = time.monotonic()
+        with pytest.raises(dcap.CollateralUnavailable):
+            source.get(b"\0" * 6, "processor", 0)
+        assert time.monotonic() - start < 5
+
+
+def test_cli_verify_with_pccs(zk):
+    server, _, _, exp = zk
+    path = SAMPLES / "real-dcap" / "zkdcap-00906ed5-2025"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "dcap.py"),
+            "verify",
+            str(path / "quote.bin"),
+            "--pccs",
+            server.url,
+            "--now",
+            str(exp["now"]),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["status"] == exp["status"]
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "dcap.py"),
+            "verify",
+            str(path / "quote.bin"),
+            "--pccs",
+            f"http://127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode != 0 and "CollateralUnavailable" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_file_source_rereads_changed_file(tmp_path):
+    _quote, coll, _exp = case("intel-sgx-v3")
+    path = tmp_path / "c.json"
+    path.write_text(coll.to_json())
+    src = dcap.FileCollateralSource(path)
+    assert src.get(b"", "processor", 0) == coll
+    other = case("zkdcap-00906ed5-2025")[1]
+    path.write_text(other.to_json() + "\n")
+    assert src.get(b"", "processor", 0) == other
+    with pytest.raises(dcap.CollateralError, match="cannot read"):
+        dcap.FileCollateralSource(tmp_path / "missing.json").get(b"", "processor", 0)
+    assert isinstance(dcap.open_collateral_source(str(path), None), dcap.FileCollateralSource)
+    assert isinstance(dcap.open_collateral_source(None, "http://x"), dcap.PccsCollateralSource)
+    with pytest.raises(dcap.DcapError):
+        dcap.open_collateral_source(None, None)
