@@ -72,8 +72,8 @@ MEASURE_WITH="${MEASURE_WITH:-auto}"
 ASPS_CLIENT_FILES="${ASPS_CLIENT_FILES:-asps_client.py ratls.py dcap.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
 ASPS_SERVER_FILES="${ASPS_SERVER_FILES:-asps_server.py ratls.py dcap.py policy.py kms.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
 # Copied when present: the providers' temporary module and the legacy cczoo stubs.
-OPTIONAL_CLIENT_FILES="dcap_providers.py secretmanager_pb2.py secretmanager_pb2_grpc.py"
-OPTIONAL_SERVER_FILES="dcap_providers.py secretmanager_pb2.py secretmanager_pb2_grpc.py"
+OPTIONAL_CLIENT_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"
+OPTIONAL_SERVER_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"
 # Looked up at run time by glibc (dlopen), so copy_bom's dependency analysis cannot find them.
 GLIBC_RUNTIME_LIBS="libnss_files.so.2 libnss_dns.so.2 libresolv.so.2"
 SIGNED_SO="build/lib/libocclum-libos.signed.so"

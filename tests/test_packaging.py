@@ -37,7 +37,7 @@ CLIENT_FILES = [
 ]
 SERVER_ONLY = ["asps_server.py", "policy.py", "kms.py"]
 # Copied when present; the workspace has the first two only.
-OPTIONAL = ["dcap_providers.py", "secretmanager_pb2.py", "secretmanager_pb2_grpc.py"]
+OPTIONAL = ["secretmanager_pb2.py", "secretmanager_pb2_grpc.py"]
 CERTS = ["ca.crt", "server.crt", "server.key"]
 # Occlum's etc/template/base.yaml (the directories every image gets).
 BASE_YAML = """\
@@ -136,7 +136,7 @@ class Workspace:
 def make_workspace(root: Path) -> Workspace:
     src = root / "src"
     (src / "certs").mkdir(parents=True)
-    for i, name in enumerate(CLIENT_FILES + SERVER_ONLY + OPTIONAL[:2]):
+    for i, name in enumerate(CLIENT_FILES + SERVER_ONLY + OPTIONAL[:1]):
         # Distinct bytes per file, binary included, so a mix-up or a text-mode copy shows.
         (src / name).write_bytes(f"# {name}\n".encode() + os.urandom(64) + bytes([i, 0, 255]))
     for name in CERTS:
@@ -225,9 +225,9 @@ def test_client_image_has_the_client_modules_and_the_ca_only(built: Workspace) -
     for name in CLIENT_FILES:
         assert (image / "bin" / name).read_bytes() == (built.src / name).read_bytes(), name
     assert (image / "etc/asps/ca.crt").read_bytes() == (built.src / "certs/ca.crt").read_bytes()
-    for name in OPTIONAL[:2]:
+    for name in OPTIONAL[:1]:
         assert (image / "bin" / name).read_bytes() == (built.src / name).read_bytes(), name
-    assert not (image / "bin" / OPTIONAL[2]).exists()
+    assert not (image / "bin" / OPTIONAL[1]).exists()
     for name in SERVER_ONLY:
         assert not (image / "bin" / name).exists(), f"server module {name} in the client image"
     leaked = [p for p in image.rglob("*") if p.name in ("server.key", "server.crt", "policy_vault.json")]
@@ -236,7 +236,7 @@ def test_client_image_has_the_client_modules_and_the_ca_only(built: Workspace) -
 
 def test_server_image_has_server_modules_certs_and_the_measured_policy(built: Workspace) -> None:
     image = built.instance("server") / "image"
-    for name in [*SERVER_ONLY, *OPTIONAL[:2], "ratls.py", "dcap.py", "asps_pb2.py", "asps_pb2_grpc.py"]:
+    for name in [*SERVER_ONLY, *OPTIONAL[:1], "ratls.py", "dcap.py", "asps_pb2.py", "asps_pb2_grpc.py"]:
         assert (image / "bin" / name).read_bytes() == (built.src / name).read_bytes(), name
     assert not (image / "bin" / "asps_client.py").exists()
     for name in CERTS:
