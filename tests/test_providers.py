@@ -324,10 +324,15 @@ class GramineDir:
     def close(self) -> None:
         """Wake the thread wherever it waits, then let it end."""
         self._stop.set()
-        for name, flags in (("user_report_data", os.O_WRONLY), ("quote", os.O_RDONLY)):
-            with contextlib.suppress(OSError):
-                os.close(os.open(self.root / name, flags | os.O_NONBLOCK))
-        self._thread.join(timeout=5)
+        # The thread may not have reached its blocking open() yet (a non-blocking open of the other
+        # end then finds nobody and wakes nothing), so knock until it has gone.
+        deadline = time.monotonic() + 5
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            for name, flags in (("user_report_data", os.O_WRONLY), ("quote", os.O_RDONLY)):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(self.root / name, flags | os.O_NONBLOCK))
+            self._thread.join(timeout=0.02)
+        assert not self._thread.is_alive(), "FIFO server thread did not stop"
 
 
 @pytest.fixture
