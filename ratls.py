@@ -415,13 +415,13 @@ _QUOTE_OIDS = {
 
 
 def _load_certificate(cert: bytes | str) -> tuple[bytes, x509.Certificate]:
-    data = cert.encode() if isinstance(cert, str) else bytes(cert)
     try:
+        data = cert.encode() if isinstance(cert, str) else bytes(cert)
         if data.lstrip().startswith(b"-----BEGIN"):
             parsed = x509.load_pem_x509_certificate(data)
             return parsed.public_bytes(serialization.Encoding.DER), parsed
         return data, x509.load_der_x509_certificate(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
         raise EvidenceError("certificate", f"not an X.509 certificate: {e}") from e
 
 
@@ -437,7 +437,10 @@ def _check_public_key(cert: x509.Certificate) -> PublicKey:
 
 def _check_self_signature(cert: x509.Certificate, key: PublicKey) -> None:
     """The certificate is signed by its own key: nobody swapped the key or fields after signing."""
-    algo = cert.signature_hash_algorithm
+    try:
+        algo = cert.signature_hash_algorithm
+    except (ValueError, UnsupportedAlgorithm) as e:  # an OID cryptography does not know
+        raise EvidenceError("certificate_signature", f"unsupported signature algorithm: {e}") from e
     if algo is None:
         raise EvidenceError("certificate_signature", "signature algorithm without a hash is not supported")
     try:
@@ -522,7 +525,9 @@ def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
         raise EvidenceError("dice_evidence", f'"{CLAIM_PUBKEY_HASH}" is not [hash-alg-id, hash]')
     alg, digest = entry
     if isinstance(alg, bool) or not isinstance(alg, int) or alg not in _IANA_HASHES:
-        raise EvidenceError("dice_evidence", f"unsupported hash-alg-id {alg!r} (expected 1, 7 or 8)")
+        # never repr() a decoded bignum: past 4300 digits int -> str itself raises ValueError
+        shown = repr(alg) if isinstance(alg, int) and abs(alg) < 1 << 64 else type(alg).__name__
+        raise EvidenceError("dice_evidence", f"unsupported hash-alg-id {shown} (expected 1, 7 or 8)")
     expected = _IANA_HASHES[alg](spki).digest()
     if not isinstance(digest, bytes) or len(digest) != len(expected):
         raise EvidenceError("dice_evidence", f"pubkey-hash value is not a {len(expected)}-byte string")
