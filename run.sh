@@ -106,17 +106,17 @@ cmd_server() {
 }
 
 cmd_client() {
-    if [ -d "$ROOT/occlum_instance_client" ] && command -v occlum >/dev/null 2>&1; then
-        cd "$ROOT/occlum_instance_client"
-        exec occlum run /bin/python3 /bin/asps_client.py --ca /etc/asps/ca.crt "$@"
-    fi
-    ensure_venv requirements.txt
     local args=("$@") arg named=0
     for arg in "$@"; do
         case "$arg" in --key | --key=*) named=1 ;; esac
     done
     # like the original client: master_key unless --key says otherwise (--key all: every secret)
     [ "$named" = 1 ] || args+=(--key master_key)
+    if [ -d "$ROOT/occlum_instance_client" ] && command -v occlum >/dev/null 2>&1; then
+        cd "$ROOT/occlum_instance_client"
+        exec occlum run /bin/python3 /bin/asps_client.py --ca /etc/asps/ca.crt "${args[@]}"
+    fi
+    ensure_venv requirements.txt
     if [ -z "${ASPS_PROVIDER:-}" ]; then
         sim_init
         args=(--provider sim --sim-dir "$SIM" "${args[@]}")

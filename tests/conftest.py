@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# gRPC's fork handlers make a fork()ed child (subprocess with preexec_fn, as tests/openbao.py starts
+# OpenBao) crash now and then (SIGABRT/SIGSEGV before exec) while gRPC threads run in this process.
+# Nothing here forks a process that keeps using gRPC, so turn them off before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

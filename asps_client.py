@@ -1,0 +1,509 @@
+"""ASPS client: runs inside the enclave, proves what it is, and receives its secrets.
+
+    key pair -> RA-TLS certificate (quote binding the key) -> GetChallenge -> sign the transcript
+    -> GetSecrets -> open the HPKE-sealed bundle with the private key
+
+It imports only ratls, dcap and the generated stubs, so copying asps_client.py, ratls.py,
+dcap.py, asps_pb2.py, asps_pb2_grpc.py (and secretmanager_pb2*.py for --legacy-cczoo) with the
+requirements into an Occlum or Gramine image is enough. Importable: `get_secrets(...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import struct
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+import asps_pb2
+import asps_pb2_grpc
+import dcap
+import ratls
+
+# Protocol constants: see the README's "Protocol" section (the server has the same ones).
+TRANSCRIPT_LABEL = b"asps/v1 get-secrets"
+SEAL_INFO_LABEL = b"asps/v1 sealed-secrets"
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+MAX_REQUEST_BYTES = 256 * 1024
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # unexpected failure (a bug: please report)
+EXIT_USAGE = 2  # bad command line or unreadable local file
+EXIT_UNREACHABLE = 3  # server unreachable, TLS failed (wrong --ca?), or deadline exceeded
+EXIT_REFUSED = 4  # the server refused: evidence, signature, token, or policy (reason printed)
+EXIT_NOT_GRANTED = 5  # a requested secret is not granted to this enclave
+EXIT_BAD_REPLY = 6  # the reply could not be opened or is not what was asked for
+EXIT_NO_EVIDENCE = 7  # this machine could not produce a quote (no SGX provider, sim misconfigured)
+EXIT_RETRY_LATER = 8  # the server is up but its KMS or collateral source is not: retry later
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  secrets received
+  1  unexpected error (a bug)
+  2  usage error or unreadable local file
+  3  server unreachable, TLS handshake failed (wrong --ca?) or deadline exceeded
+  4  refused by the server (evidence, signature, challenge or policy); the reason is printed
+  5  a requested secret is not granted to this enclave
+  6  bad reply (cannot be opened, or not the secrets asked for)
+  7  no evidence: no quote provider works here (try --provider)
+  8  the server's KMS or collateral source is unavailable; retry later
+"""
+
+
+class ClientError(Exception):
+    """A failure with its exit code; `status` and `reason` come from the server when it answered."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, *, status: grpc.StatusCode | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class UsageError(ClientError):
+    exit_code = EXIT_USAGE
+
+
+class Unreachable(ClientError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class Refused(ClientError):
+    exit_code = EXIT_REFUSED
+
+
+class NotGranted(ClientError):
+    exit_code = EXIT_NOT_GRANTED
+
+
+class BadReply(ClientError):
+    exit_code = EXIT_BAD_REPLY
+
+
+class NoEvidence(ClientError):
+    exit_code = EXIT_NO_EVIDENCE
+
+
+class RetryLater(ClientError):
+    exit_code = EXIT_RETRY_LATER
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """An RA-TLS certificate (DER) and the private key it binds."""
+
+    cert_der: bytes
+    private_key: Any
+
+
+@dataclass(frozen=True)
+class Result:
+    app_id: str
+    secrets: dict[str, bytes]
+    host: str
+
+
+# --- protocol pieces (each also usable by clients embedding this module) -------------------------------
+
+
+def transcript(token: bytes, evidence_der: bytes, names: Sequence[str]) -> bytes:
+    """The signed bytes: label, u32be-length-prefixed token, SHA256(evidence DER), names."""
+    parts = [TRANSCRIPT_LABEL, struct.pack(">I", len(token)), token, hashlib.sha256(evidence_der).digest()]
+    parts.append(struct.pack(">I", len(names)))
+    for name in names:
+        raw = name.encode("utf-8")
+        parts += [struct.pack(">I", len(raw)), raw]
+    return b"".join(parts)
+
+
+def sign_transcript(private_key: Any, data: bytes) -> bytes:
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        return private_key.sign(data, ec.ECDSA(hashes.SHA256()))
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        return private_key.sign(
+            data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256()
+        )
+    raise ValueError("evidence key must be EC or RSA")
+
+
+def hpke_suite(private_key: Any) -> hpke.Suite:
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        if isinstance(private_key.curve, ec.SECP256R1):
+            return hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+        if isinstance(private_key.curve, ec.SECP384R1):
+            return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
+    raise ValueError("only EC P-256 and P-384 evidence keys can receive sealed secrets")
+
+
+def open_bundle(private_key: Any, sealed: bytes, token: bytes) -> dict[str, bytes]:
+    try:
+        plain = hpke_suite(private_key).decrypt(sealed, private_key, info=SEAL_INFO_LABEL + token)
+    except Exception as e:  # InvalidTag, truncated enc, ...: all mean the same to us
+        raise BadReply(
+            f"cannot open the sealed bundle ({type(e).__name__}): not sealed to this enclave's key"
+        ) from None
+    try:
+        return dict(asps_pb2.SecretBundle.FromString(plain).secrets)
+    except Exception:
+        raise BadReply("the sealed bundle is not a SecretBundle") from None
+
+
+# --- evidence -----------------------------------------------------------------------------------------
+
+
+def make_evidence(
+    provider: str | None = None,
+    *,
+    key_type: str = "p256",
+    fmt: str | None = None,
+    **provider_options: Any,
+) -> Evidence:
+    """A fresh key and RA-TLS certificate from the named (or detected) quote provider."""
+    try:
+        prov = dcap.get_provider(provider, **provider_options)
+    except dcap.DcapError as e:
+        raise NoEvidence(f"no quote provider: {e}") from None
+    if fmt is None:
+        fmt = "gramine" if getattr(prov, "name", "") == "gramine" else "cczoo"
+    try:
+        cert_der, key = ratls.make_certificate(prov, key_type=key_type, fmt=fmt)
+    except dcap.DcapError as e:
+        raise NoEvidence(f"quote generation failed: {e}") from None
+    return Evidence(cert_der, key)
+
+
+# --- the call -----------------------------------------------------------------------------------------
+
+
+def _channel(host: str, ca_pem: bytes | None, server_name: str | None) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+        ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+        ("grpc.enable_retries", 0),
+    ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(host, creds, options=options)
+
+
+def _rpc_error(e: grpc.RpcError, host: str, what: str) -> ClientError:
+    code = e.code() if hasattr(e, "code") else None
+    details = (e.details() if hasattr(e, "details") else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        "connect" in details.lower() or "handshake" in details.lower() or "ssl" in details.lower()
+    ):
+        return Unreachable(f"{host}: unreachable during {what}: {details}", status=code, reason=details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unreachable(f"{host}: no answer in time during {what}", status=code, reason=details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return RetryLater(f"{host}: temporarily unavailable: {details}", status=code, reason=details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotGranted(f"{host}: not granted: {details}", status=code, reason=details)
+    if code in (
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ):
+        name = code.name if code else "?"
+        return Refused(f"{host}: refused ({name}): {details}", status=code, reason=details)
+    name = code.name if code else "?"
+    return ClientError(f"{host}: {what} failed ({name}): {details}", status=code, reason=details)
+
+
+def fetch_secrets(
+    host: str,
+    *,
+    ca: bytes | str | None,
+    names: Sequence[str] = (),
+    evidence: Evidence | None = None,
+    provider: str | None = None,
+    provider_options: dict[str, Any] | None = None,
+    key_type: str = "p256",
+    timeout: float = 10.0,
+    connect_timeout: float = 5.0,
+    server_name: str | None = None,
+) -> Result:
+    """One attestation: challenge, signed request, sealed reply opened. Raises ClientError subclasses.
+
+    `ca` pins the server's CA (PEM bytes, or a file name); None uses the system roots.
+    `names` empty asks for every secret the policy grants this enclave.
+    """
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise UsageError("a secret name is repeated")
+    ca_pem = _read_ca(ca)
+    if evidence is None:
+        evidence = make_evidence(provider, key_type=key_type, **(provider_options or {}))
+    channel = _channel(host, ca_pem, server_name)
+    try:
+        stub = asps_pb2_grpc.SecretProvisionStub(channel)
+        try:
+            challenge = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=min(timeout, connect_timeout))
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # GetChallenge does no work on the server: failing it means we never got through.
+                raise Unreachable(
+                    f"{host}: cannot reach the server ({e.details()}); is it running, is the address right, "
+                    "and is its certificate signed by the pinned --ca?",
+                    status=e.code(),
+                    reason=e.details() or "",
+                ) from None
+            raise _rpc_error(e, host, "GetChallenge") from None
+        token = challenge.token
+        signature = sign_transcript(evidence.private_key, transcript(token, evidence.cert_der, names))
+        request = asps_pb2.SecretsRequest(
+            evidence=evidence.cert_der, token=token, names=names, signature=signature
+        )
+        try:
+            reply = stub.GetSecrets(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, host, "GetSecrets") from None
+    finally:
+        channel.close()
+    secrets = open_bundle(evidence.private_key, reply.sealed, token)
+    if names and set(secrets) != set(names):
+        raise BadReply("the reply does not hold exactly the secrets asked for")
+    if not secrets:
+        raise BadReply("the reply holds no secrets")
+    return Result(reply.app_id, secrets, host)
+
+
+def get_secrets(
+    host: str, *, ca: bytes | str | None, names: Sequence[str] = (), **kwargs: Any
+) -> dict[str, bytes]:
+    """The secrets this enclave is granted (all, or `names`), as name -> bytes."""
+    return fetch_secrets(host, ca=ca, names=names, **kwargs).secrets
+
+
+def get_secret_legacy(
+    host: str,
+    key: str,
+    *,
+    ca: bytes | str | None,
+    evidence: Evidence,
+    timeout: float = 10.0,
+    server_name: str | None = None,
+) -> str:
+    """The original cczoo call (secretmanager.SecretManger/GetSecret) for servers run with --legacy-cczoo."""
+    import secretmanager_pb2
+    import secretmanager_pb2_grpc
+
+    channel = _channel(host, _read_ca(ca), server_name)
+    try:
+        stub = secretmanager_pb2_grpc.SecretMangerStub(channel)
+        ctx = ratls.cert_to_pem(evidence.cert_der).decode("ascii")
+        try:
+            reply = stub.GetSecret(secretmanager_pb2.SecretRequest(key=key, ctx=ctx), timeout=timeout)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, host, "GetSecret") from None
+    finally:
+        channel.close()
+    return reply.value
+
+
+def _read_ca(ca: bytes | str | None) -> bytes | None:
+    if ca is None or isinstance(ca, bytes):
+        return ca
+    try:
+        return Path(ca).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--ca {ca}: {e.strerror}") from None
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def _hex32(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be 64 hex characters") from None
+    if len(raw) != 32:
+        raise argparse.ArgumentTypeError("must be 64 hex characters")
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="asps_client.py",
+        description="Attest this enclave to an ASPS server and receive its secrets. By default prints "
+        "'Secret received: <value>' for each secret (like the original cczoo client).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    env = os.environ.get
+    p.add_argument(
+        "--host", "-host", default=env("ASPS_HOST", "localhost:50051"), help="server HOST:PORT [ASPS_HOST]"
+    )
+    p.add_argument(
+        "--ca",
+        "-ca",
+        "--root_cert",
+        default=env("ASPS_CA", "ca.crt"),
+        help="CA certificate (PEM) the server's TLS certificate must chain to",
+    )
+    p.add_argument(
+        "--server-name",
+        default=env("ASPS_SERVER_NAME"),
+        help="expected TLS name of the server, if not the host's",
+    )
+    p.add_argument(
+        "--key",
+        "-key",
+        dest="names",
+        action="append",
+        metavar="NAME",
+        help="secret to request (repeatable; as the original, e.g. --key master_key); omit or 'all' for "
+        "every secret the policy grants",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print {app_id, secrets} as JSON (values as UTF-8 or base64)"
+    )
+    p.add_argument(
+        "--out-dir", help="write each secret to OUT_DIR/<name> with mode 0600 instead of printing it"
+    )
+    p.add_argument(
+        "--provider",
+        choices=("sim", "occlum", "gramine"),
+        default=env("ASPS_PROVIDER"),
+        help="quote provider (default: detect Occlum, then Gramine)",
+    )
+    p.add_argument(
+        "--key-type", choices=("p256", "p384"), default="p256", help="evidence key type (default %(default)s)"
+    )
+    p.add_argument("--evidence-format", choices=("cczoo", "gramine"), help="RA-TLS certificate shape")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)")
+    p.add_argument(
+        "--connect-timeout", type=float, default=5.0, help="seconds to establish TLS (default %(default)s)"
+    )
+    p.add_argument(
+        "--legacy-cczoo",
+        action="store_true",
+        help="use the original secretmanager protocol (one --key; server must run --legacy-cczoo)",
+    )
+    sim = p.add_argument_group("simulated platform (demos and tests only; --provider sim)")
+    sim.add_argument("--sim-dir", default=env("ASPS_SIM_DIR", "sim"), help="sim platform directory")
+    sim.add_argument("--sim-mr-enclave", type=_hex32, help="mr_enclave the simulated enclave reports (hex)")
+    sim.add_argument("--sim-mr-signer", type=_hex32, help="mr_signer the simulated enclave reports (hex)")
+    sim.add_argument("--sim-isv-prod-id", type=int, default=0)
+    sim.add_argument("--sim-isv-svn", type=int, default=0)
+    sim.add_argument("--sim-debug", action="store_true", help="report a debug enclave")
+    sim.add_argument("--sim-tcb", default="UpToDate", help="TCB level of the simulated platform")
+    return p
+
+
+def _provider_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.provider != "sim":
+        return {}
+    opts: dict[str, Any] = {
+        "sim_dir": args.sim_dir,
+        "isv_prod_id": args.sim_isv_prod_id,
+        "isv_svn": args.sim_isv_svn,
+        "debug": args.sim_debug,
+        "tcb": args.sim_tcb,
+    }
+    if args.sim_mr_enclave:
+        opts["mr_enclave"] = args.sim_mr_enclave
+    if args.sim_mr_signer:
+        opts["mr_signer"] = args.sim_mr_signer
+    return opts
+
+
+def _printable(value: bytes) -> str:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(value).decode()
+    return text
+
+
+def _write_out(out_dir: str, secrets: dict[str, bytes]) -> None:
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, value in secrets.items():
+        if "/" in name or name in (".", "..") or "\0" in name:
+            raise BadReply(f"secret name {name!r} is not a safe file name")
+        path = d / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(value)
+        os.chmod(path, 0o600)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [n for n in (args.names or []) if n != "all"]
+    try:
+        ca_pem = _read_ca(args.ca)
+    except ClientError as e:
+        print(f"asps_client: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        evidence = make_evidence(
+            args.provider, key_type=args.key_type, fmt=args.evidence_format, **_provider_options(args)
+        )
+        if args.legacy_cczoo:
+            if len(names) != 1:
+                print("asps_client: --legacy-cczoo takes exactly one --key", file=sys.stderr)
+                return EXIT_USAGE
+            value = get_secret_legacy(
+                args.host,
+                names[0],
+                ca=ca_pem,
+                evidence=evidence,
+                timeout=args.timeout,
+                server_name=args.server_name,
+            )
+            result = Result("", {names[0]: value.encode("utf-8")}, args.host)
+        else:
+            result = fetch_secrets(
+                args.host,
+                ca=ca_pem,
+                names=names,
+                evidence=evidence,
+                timeout=args.timeout,
+                connect_timeout=args.connect_timeout,
+                server_name=args.server_name,
+            )
+        if args.out_dir:
+            _write_out(args.out_dir, result.secrets)
+            print(f"{len(result.secrets)} secret(s) written to {args.out_dir} for app {result.app_id}")
+        elif args.json:
+            print(
+                json.dumps(
+                    {
+                        "app_id": result.app_id,
+                        "host": result.host,
+                        "secrets": {k: _printable(v) for k, v in result.secrets.items()},
+                    }
+                )
+            )
+        else:
+            many = len(result.secrets) > 1
+            for name, value in result.secrets.items():
+                label = f" ({name})" if many else ""
+                print(f"Secret received{label}: {_printable(value)}")
+        return EXIT_OK
+    except ClientError as e:
+        print(f"asps_client: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

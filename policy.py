@@ -1,0 +1,423 @@
+"""Which enclave gets which secrets, from which KMS: the tenant's policy file.
+
+The file format is the one confidential-computing-zoo's ASPS used (`policy_vault.json`,
+`policy_no_kms.json`), read strictly: a typo in a key, a measurement that is not hex, or an app
+that would match any enclave is a load error naming the app and the field, never a silent
+"allow". Each app may add the appraisal fields of `ratls.ReferenceValues` (mr_signer,
+isv_prod_id, min_isv_svn, allow_debug, allowed_tcb_statuses, refused/accepted advisories).
+
+    {"kms": "vault", "addr": "http://127.0.0.1:8200", "auth_method": "token",
+     "app_list": [{"id": 1, "mr_enclave": "<64 hex>", "app_token": "<vault token>",
+                   "secrets": {"master_key": "occlum/1/image_key"}}]}
+
+`"kms": "none"` (alias `"json"`) carries the secret values inline, or, with a top-level
+`"secrets_file"`, names keys of that JSON file. Keys named `"_comment"` are allowed anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kms
+import ratls
+
+__all__ = ["AmbiguousApp", "AppPolicy", "Policy", "PolicyError", "load_policy", "parse_policy"]
+
+# The appraisal keys belong to ratls.ReferenceValues; the others are the policy's own.
+APPRAISAL_KEYS = frozenset(
+    {
+        "mr_enclave",
+        "mr_signer",
+        "isv_prod_id",
+        "min_isv_svn",
+        "allow_debug",
+        "allowed_tcb_statuses",
+        "refused_advisories",
+        "accepted_advisories",
+    }
+)
+APP_KEYS = frozenset({"_comment", "id", "app_token", "secrets"}) | APPRAISAL_KEYS
+TOP_KEYS = frozenset(
+    {
+        "_comment",
+        "kms",
+        "addr",
+        "auth_method",
+        "root_key",
+        "unseal_key",
+        "app_list",
+        "ca_file",
+        "timeout",
+        "secrets_file",
+    }
+)
+KMS_KINDS = {"vault": "vault", "openbao": "vault", "none": "none", "json": "none"}
+MAX_NAME_BYTES = 256  # same bound the server puts on requested names
+MAX_POLICY_BYTES = 4 * 1024 * 1024
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be used; the message names the file, app and field."""
+
+
+class AmbiguousApp(Exception):
+    """Several apps match one enclave equally well: refuse rather than guess."""
+
+    def __init__(self, app_ids: Iterable[str]) -> None:
+        self.app_ids = tuple(app_ids)
+        super().__init__("enclave matches apps " + ", ".join(self.app_ids) + " equally; fix the policy")
+
+
+@dataclass(frozen=True)
+class AppPolicy:
+    """One app: how to recognise its enclave, and where each of its secrets lives."""
+
+    id: str
+    reference: ratls.ReferenceValues
+    # name -> KMS path (vault) or key of the JSON agent. Paths are not secret, values are never here.
+    paths: Mapping[str, str] = field(repr=False)
+    agent: kms.KmsAgent = field(repr=False, compare=False)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.paths)
+
+    @property
+    def specificity(self) -> tuple[bool, bool, bool]:
+        """How narrowly the app's identity is pinned: mr_enclave beats mr_signer(+prod id)."""
+        r = self.reference
+        return (
+            getattr(r, "mr_enclave", None) is not None,
+            getattr(r, "mr_signer", None) is not None,
+            getattr(r, "isv_prod_id", None) is not None,
+        )
+
+    @property
+    def identity_key(self) -> tuple[object, object, object]:
+        r = self.reference
+        return (
+            getattr(r, "mr_enclave", None),
+            getattr(r, "mr_signer", None),
+            getattr(r, "isv_prod_id", None),
+        )
+
+    def fetch(self, names: Iterable[str]) -> dict[str, bytes]:
+        """Values of the given (already granted) names from this app's KMS agent."""
+        return {name: self.agent.get(self.paths[name]) for name in names}
+
+
+@dataclass(frozen=True)
+class Policy:
+    kms: str
+    apps: tuple[AppPolicy, ...]
+    source: str = ""
+    digest: str = ""  # sha256 of the file, so logs say which policy was in force
+    warnings: tuple[str, ...] = ()
+
+    def find_app(self, identity: Any) -> AppPolicy | None:
+        """The app whose measurements exactly match the identity; None for an unknown enclave.
+
+        When an mr_signer-wide app and an mr_enclave-pinned app both match, the pinned one wins;
+        a tie between equally specific apps raises AmbiguousApp.
+        """
+        matches = [a for a in self.apps if a.reference.matches_identity(identity)]
+        if not matches:
+            return None
+        best = max(a.specificity for a in matches)
+        top = [a for a in matches if a.specificity == best]
+        if len(top) > 1:
+            raise AmbiguousApp(a.id for a in top)
+        return top[0]
+
+    def app_by_id(self, app_id: str) -> AppPolicy | None:
+        return next((a for a in self.apps if a.id == app_id), None)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; PolicyError on anything doubtful."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise PolicyError(f"{p}: cannot read policy file: {e.strerror or e}") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{p}: policy file larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(f"{p}: policy file is not UTF-8") from None
+    try:
+        data = _loads_relaxed(text)
+    except json.JSONDecodeError as e:
+        raise PolicyError(f"{p}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except PolicyError as e:
+        raise PolicyError(f"{p}: {e}") from None
+    except RecursionError:
+        raise PolicyError(f"{p}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's conversion limit
+        raise PolicyError(f"{p}: not usable JSON: {str(e)[:120]}") from None
+    pol = parse_policy(data, source=str(p), base_dir=p.parent, digest=hashlib.sha256(raw).hexdigest())
+    try:
+        world_readable = bool(p.stat().st_mode & 0o004)
+    except OSError:
+        world_readable = False
+    if world_readable and pol.kms == "vault":
+        extra = f"{p}: readable by every local user but holds Vault tokens; chmod 600 (or 640 for a group)"
+        pol = dataclasses.replace(pol, warnings=(*pol.warnings, extra))
+    return pol
+
+
+def _loads_relaxed(text: str) -> Any:
+    """json.loads that also accepts trailing commas (the original README's example has one)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as first:
+        stripped = _strip_trailing_commas(text)
+        if stripped == text:
+            raise
+        try:
+            return json.loads(stripped, object_pairs_hook=_no_duplicate_keys)
+        except json.JSONDecodeError:
+            raise first from None
+
+
+# A JSON string (kept as is) or a comma directly before a closing bracket (dropped).
+_STRING_OR_TRAILING_COMMA = re.compile(r'("(?:[^"\\]|\\.)*")|,(?=\s*[}\]])', re.S)
+
+
+def _strip_trailing_commas(text: str) -> str:
+    return _STRING_OR_TRAILING_COMMA.sub(lambda m: m.group(1) or "", text)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise PolicyError(f"duplicate key {k!r} in one JSON object")
+        d[k] = v
+    return d
+
+
+def parse_policy(
+    data: Any, *, source: str = "<policy>", base_dir: str | Path = ".", digest: str = ""
+) -> Policy:
+    """Validate a decoded policy document and build each app's reference values and KMS agent."""
+    where = source
+    if not isinstance(data, dict):
+        raise PolicyError(f"{where}: top level must be a JSON object, got {type(data).__name__}")
+    _check_text(data, where, "")
+    _unknown_keys(data, TOP_KEYS, where)
+    warnings: list[str] = []
+
+    kind_raw = data.get("kms")
+    if not isinstance(kind_raw, str) or kind_raw not in KMS_KINDS:
+        raise PolicyError(f"{where}: field 'kms' must be one of {sorted(KMS_KINDS)}, got {kind_raw!r}")
+    kind = KMS_KINDS[kind_raw]
+    for k in ("root_key", "unseal_key"):
+        if data.get(k):
+            warnings.append(
+                f"{where}: field {k!r} is ignored: ASPS only uses per-app tokens; keep Vault's root "
+                "token and unseal keys out of this file"
+            )
+
+    apps_raw = data.get("app_list")
+    if not isinstance(apps_raw, list) or not apps_raw:
+        raise PolicyError(f"{where}: field 'app_list' must be a non-empty list of apps")
+
+    make_agent, values_are_keys = _agent_factory(kind, data, where, Path(base_dir), warnings)
+    apps: list[AppPolicy] = []
+    seen_ids: dict[str, int] = {}
+    seen_identity: dict[tuple[object, object, object], str] = {}
+    for i, app_raw in enumerate(apps_raw):
+        app = _parse_app(app_raw, i, kind, where, make_agent, values_are_keys, warnings)
+        if app.id in seen_ids:
+            raise PolicyError(
+                f"{where}: app_list[{i}]: field 'id' {app.id!r} is already used by app_list"
+                f"[{seen_ids[app.id]}]"
+            )
+        seen_ids[app.id] = i
+        if app.identity_key in seen_identity:
+            raise PolicyError(
+                f"{where}: app {app.id}: same identity (mr_enclave/mr_signer/isv_prod_id) as app "
+                f"{seen_identity[app.identity_key]}; one enclave must map to one app"
+            )
+        seen_identity[app.identity_key] = app.id
+        apps.append(app)
+    return Policy(kind, tuple(apps), source=source, digest=digest, warnings=tuple(warnings))
+
+
+def _check_text(value: Any, where: str, path: str, depth: int = 0) -> None:
+    """Every string must be encodable UTF-8 (JSON escapes can produce lone surrogates)."""
+    if depth > 32:
+        raise PolicyError(f"{where}: {path or 'document'} nested too deeply")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PolicyError(f"{where}: {path or 'document'}: string is not valid Unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where, f"{path}.<key>" if path else "<key>", depth + 1)
+            _check_text(v, where, f"{path}.{k}" if path else str(k), depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, where, f"{path}[{i}]", depth + 1)
+
+
+def _unknown_keys(d: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(k for k in d if k not in allowed)
+    if unknown:
+        raise PolicyError(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Path, warnings: list[str]):
+    """(function (app where, app dict, inline name->value) -> KmsAgent, whether secrets name KMS keys)."""
+    if kind == "vault":
+        addr = data.get("addr")
+        if not isinstance(addr, str) or not re.match(r"^https?://[^\s/]+", addr):
+            raise PolicyError(
+                f"{where}: field 'addr' must be the Vault URL (http[s]://host:port), got {addr!r}"
+            )
+        method = data.get("auth_method", "token")
+        if method != "token":
+            raise PolicyError(f"{where}: field 'auth_method' must be 'token' (the only method supported)")
+        if "secrets_file" in data:
+            raise PolicyError(f'{where}: field \'secrets_file\' only applies to "kms": "none"')
+        ca_file = data.get("ca_file")
+        if ca_file is not None:
+            if not isinstance(ca_file, str) or not ca_file:
+                raise PolicyError(f"{where}: field 'ca_file' must be a file name")
+            ca_path = base_dir / ca_file
+            try:
+                found = ca_path.is_file()
+            except OSError as e:  # e.g. a name too long for the file system
+                raise PolicyError(f"{where}: field 'ca_file': {e.strerror or e}") from None
+            if not found:
+                raise PolicyError(f"{where}: field 'ca_file': {ca_path} does not exist")
+            ca_file = str(ca_path)
+        timeout = data.get("timeout", 5.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 120:
+            raise PolicyError(f"{where}: field 'timeout' must be seconds between 0 and 120")
+
+        def vault_agent(app_where: str, app: Mapping[str, Any], _inline: Mapping[str, str]) -> kms.KmsAgent:
+            token = app.get("app_token")
+            if not isinstance(token, str) or not token.strip():
+                raise PolicyError(
+                    f"{app_where}: field 'app_token' is missing or empty; a Vault app needs "
+                    "its own read-only token (write_secrets.sh prints one per app)"
+                )
+            try:
+                return kms.VaultAgent(
+                    addr.rstrip("/"), token.strip(), ca_file=ca_file, timeout=float(timeout)
+                )
+            except (kms.KmsError, ValueError) as e:  # ValueError: an address urllib cannot split
+                raise PolicyError(f"{app_where}: field 'addr' or 'app_token': {e}") from None
+
+        return vault_agent, True
+
+    for k in ("addr", "ca_file", "timeout"):
+        if data.get(k):
+            warnings.append(f'{where}: field {k!r} is ignored with "kms": "none"')
+    secrets_file = data.get("secrets_file")
+    if secrets_file is not None:
+        if not isinstance(secrets_file, str) or not secrets_file:
+            raise PolicyError(f"{where}: field 'secrets_file' must be a file name")
+        path = base_dir / secrets_file
+        try:
+            shared = kms.JsonAgent.from_file(str(path))
+        except kms.KmsError as e:
+            raise PolicyError(f"{where}: field 'secrets_file': {e}") from None
+        except (ValueError, RecursionError):  # a lone surrogate or absurd nesting in that file
+            raise PolicyError(f"{where}: field 'secrets_file': {path} holds unusable JSON") from None
+        except OSError as e:
+            raise PolicyError(
+                f"{where}: field 'secrets_file': cannot read {path}: {e.strerror or e}"
+            ) from None
+
+        def file_agent(app_where: str, app: Mapping[str, Any], _inline: Mapping[str, str]) -> kms.KmsAgent:
+            return shared
+
+        return file_agent, True
+
+    def inline_agent(app_where: str, app: Mapping[str, Any], inline: Mapping[str, str]) -> kms.KmsAgent:
+        try:
+            return kms.JsonAgent(dict(inline), source=app_where)
+        except kms.KmsError as e:
+            raise PolicyError(f"{app_where}: {e}") from None
+
+    return inline_agent, False
+
+
+def _parse_app(
+    raw: Any, i: int, kind: str, where: str, make_agent, values_are_keys: bool, warnings: list[str]
+) -> AppPolicy:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: app_list[{i}] must be an object")
+    app_id_raw = raw.get("id")
+    if isinstance(app_id_raw, bool) or not isinstance(app_id_raw, int | str) or str(app_id_raw).strip() == "":
+        raise PolicyError(f"{where}: app_list[{i}]: field 'id' must be a number or a non-empty string")
+    app_id = str(app_id_raw)
+    aw = f"{where}: app {app_id}"
+    _unknown_keys(raw, APP_KEYS, aw)
+    if kind != "vault" and raw.get("app_token"):
+        warnings.append(f'{aw}: field \'app_token\' is ignored with "kms": "none"')
+
+    appraisal = {k: v for k, v in raw.items() if k in APPRAISAL_KEYS}
+    if not any(appraisal.get(k) not in (None, "") for k in ("mr_enclave", "mr_signer")):
+        raise PolicyError(
+            f"{aw}: no identity: give 'mr_enclave' (and/or 'mr_signer'); an app without one "
+            "would match every enclave"
+        )
+    try:
+        reference = ratls.ReferenceValues.from_dict(appraisal, where=aw)
+    except ratls.ReferenceValuesError as e:
+        msg = str(e)
+        raise PolicyError(msg if app_id in msg else f"{aw}: {msg}") from None
+
+    secrets = raw.get("secrets")
+    if not isinstance(secrets, dict) or not secrets:
+        raise PolicyError(
+            f"{aw}: field 'secrets' must be a non-empty object of name -> "
+            + ("KMS path" if kind == "vault" else "value")
+        )
+    paths: dict[str, str] = {}
+    inline: dict[str, str] = {}
+    for name, value in secrets.items():
+        if name == "_comment":
+            continue
+        if not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise PolicyError(f"{aw}: secret names must be 1..{MAX_NAME_BYTES} bytes")
+        if not isinstance(value, str):
+            raise PolicyError(f"{aw}: field 'secrets.{name}' must be a string")
+        if kind == "vault":
+            if not re.fullmatch(r"[^\s#]+(/[^\s#]+)+(#[^\s#]+)?", value):
+                raise PolicyError(
+                    f"{aw}: field 'secrets.{name}' must be a KMS path 'mount/path[#field]', got {value!r}"
+                )
+            paths[name] = value
+        elif values_are_keys:
+            if not value:
+                raise PolicyError(f"{aw}: field 'secrets.{name}' must name a key of the secrets file")
+            paths[name] = value
+        else:
+            if value == "":
+                warnings.append(f"{aw}: secret {name!r} is empty")
+            paths[name] = name
+            inline[name] = value
+    if not paths:
+        raise PolicyError(f"{aw}: field 'secrets' has no secrets")
+    agent = make_agent(aw, raw, inline)
+    return AppPolicy(app_id, reference, paths, agent)

@@ -1,0 +1,223 @@
+"""Shared pieces for the service tests: a real in-process server (real TLS, real gRPC), sim enclaves,
+and a log capture that the tests search for secret values.
+
+Import as ``asps_testkit`` (tests/ is on sys.path, like openbao.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import asps_client
+import asps_pb2
+import asps_pb2_grpc
+import asps_server
+import ratls
+import sgxsim
+
+ENCLAVE_1 = sgxsim.DEFAULT_MR_ENCLAVE
+ENCLAVE_2 = hashlib.sha256(b"ASPS test enclave 2").digest()
+ENCLAVE_UNKNOWN = hashlib.sha256(b"ASPS test enclave nobody knows").digest()
+SIGNER = sgxsim.DEFAULT_MR_SIGNER
+
+
+class LogCapture(logging.Handler):
+    """Every formatted log line of this process, kept to be searched for secret values."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(asps_server._TextFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def audit(self) -> list[dict[str, Any]]:
+        return [json.loads(ln) for ln in self.lines if ln.startswith("{") and '"verdict"' in ln]
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[LogCapture]:
+    cap = LogCapture()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(cap)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield cap
+    finally:
+        root.removeHandler(cap)
+        root.setLevel(old_level)
+
+
+def assert_no_secret_in(lines: list[str], values: list[bytes | str]) -> None:
+    """No secret value (as text, hex or repr) appears in any line."""
+    needles: list[str] = []
+    for v in values:
+        b = v.encode() if isinstance(v, str) else v
+        if len(b) < 4:
+            continue
+        needles += [b.decode("utf-8", "replace"), b.hex(), repr(b)[2:-1]]
+    hits = [(n, ln) for ln in lines for n in needles if n and n in ln]
+    assert not hits, f"secret value found in logs: {hits[:3]}"
+    assert lines, "no log lines were captured: the search would prove nothing"
+
+
+@dataclass
+class Env:
+    """Paths of the per-module fixtures: sim platform, TLS material."""
+
+    tmp: Path
+    sim: sgxsim.SimPlatform
+    certs: Path
+
+    @property
+    def ca(self) -> bytes:
+        return (self.certs / "ca.crt").read_bytes()
+
+    def config(self, policy_path: Path, **kw: Any) -> asps_server.ServerConfig:
+        settings: dict[str, Any] = {
+            "host": "127.0.0.1:0",
+            "cert": str(self.certs / "server.crt"),
+            "key": str(self.certs / "server.key"),
+            "policy": str(policy_path),
+            "collateral": str(self.sim.directory / "collateral.json"),
+            "root_ca": str(self.sim.directory / "root_ca.pem"),
+        }
+        settings.update(kw)
+        return asps_server.ServerConfig(**settings)
+
+    def evidence(
+        self,
+        mr_enclave: bytes = ENCLAVE_1,
+        *,
+        key_type: str = "p256",
+        fmt: str = "cczoo",
+        **sim: Any,
+    ) -> asps_client.Evidence:
+        return asps_client.make_evidence(
+            "sim", key_type=key_type, fmt=fmt, sim_dir=str(self.sim.directory), mr_enclave=mr_enclave, **sim
+        )
+
+
+def make_env(tmp_path_factory: pytest.TempPathFactory, sim_platform: sgxsim.SimPlatform) -> Env:
+    tmp = tmp_path_factory.mktemp("asps")
+    certs = asps_server.generate_demo_certs(tmp / "certs")
+    # the collateral file the server reads (FileCollateralSource) must exist in the sim directory
+    coll = Path(sim_platform.directory) / "collateral.json"
+    if not coll.exists():
+        coll.write_text(sim_platform.collateral().to_json())
+    return Env(tmp, sim_platform, certs)
+
+
+def write_policy(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+@dataclass
+class Client:
+    """Talks to one server the way asps_client does, but lets tests bend each field."""
+
+    address: str
+    ca: bytes
+    channel: grpc.Channel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.secure_channel(
+            self.address,
+            grpc.ssl_channel_credentials(root_certificates=self.ca),
+            options=[("grpc.max_send_message_length", 8 * 1024 * 1024)],
+        )
+        self.stub = asps_pb2_grpc.SecretProvisionStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def challenge(self) -> bytes:
+        return self.stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=10).token
+
+    def request(
+        self,
+        ev: asps_client.Evidence,
+        names: list[str] = (),  # type: ignore[assignment]
+        *,
+        token: bytes | None = None,
+        signer: Any = None,
+        evidence_bytes: bytes | None = None,
+    ) -> tuple[asps_pb2.SecretsRequest, bytes]:
+        token = self.challenge() if token is None else token
+        names = list(names)
+        sig = asps_client.sign_transcript(
+            signer or ev.private_key, asps_client.transcript(token, ev.cert_der, names)
+        )
+        req = asps_pb2.SecretsRequest(
+            evidence=ev.cert_der if evidence_bytes is None else evidence_bytes,
+            token=token,
+            names=names,
+            signature=sig,
+        )
+        return req, token
+
+    def get(self, ev: asps_client.Evidence, names: list[str] = (), **kw: Any) -> tuple[str, dict[str, bytes]]:  # type: ignore[assignment]
+        req, token = self.request(ev, names, **kw)
+        reply = self.stub.GetSecrets(req, timeout=10)
+        return reply.app_id, asps_client.open_bundle(ev.private_key, reply.sealed, token)
+
+    def refused(self, req: asps_pb2.SecretsRequest) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as e:
+            self.stub.GetSecrets(req, timeout=10)
+        return e.value
+
+
+def forged_certificate(quote_cert_der: bytes, other_key: Any) -> bytes:
+    """A certificate carrying the quote of `quote_cert_der` but another key (self-signed by it)."""
+    cert = x509.load_der_x509_certificate(quote_cert_der)
+    ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ratls.OID_CCZOO_QUOTE))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+        .public_key(other_key.public_key())
+        .add_extension(ext.value, critical=False)
+    )
+    return builder.sign(other_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def new_p256() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def plain_certificate(key: Any) -> bytes:
+    """A self-signed certificate with no evidence at all."""
+    import datetime
+
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "no quote here")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .public_key(key.public_key())
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
