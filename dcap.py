@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -433,14 +434,31 @@ class Collateral:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Collateral:
-        try:
-            d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CollateralError(f"collateral: not valid JSON ({exc})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(_parse_json(text, "collateral"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
+
+
+def _parse_json(text: str | bytes, piece: str) -> object:
+    """json.loads for every JSON entry point (collateral bundle, TCB info, QE identity, PCCS bodies):
+    whatever the text, only CollateralError.  Besides syntax errors (ValueError), json raises
+    UnicodeDecodeError on bytes that are not UTF-8, ValueError on integers beyond int's digit limit,
+    and RecursionError on nesting deeper than the interpreter's stack ("[" * 100000)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise CollateralError(f"{piece}: not valid JSON ({reason})") from None
+
+
+def _utf8(text: str, piece: str) -> bytes:
+    """The UTF-8 bytes a signature covers.  A str from JSON may hold a lone surrogate (the escape
+    \\ud800), which no UTF-8 text, and so no signed text, contains."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CollateralError(f"{piece}: not valid UTF-8 text (lone surrogate)") from None
 
 
 def _hex_or_bytes(v: object, name: str) -> bytes:
@@ -462,6 +480,15 @@ def _hex_or_bytes(v: object, name: str) -> bytes:
 # ---------------------------------------------------------------------------------------------------
 
 _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+
+# What `cryptography` raises on malformed X.509 input (certificates, CRLs, names, extensions).  Not
+# all of it is a ValueError: a version field other than v1/v3 (v1/v2 for CRLs) raises InvalidVersion,
+# a repeated extension DuplicateExtension, an unknown GeneralName UnsupportedGeneralNameType, an
+# unknown algorithm UnsupportedAlgorithm.  Every place that parses untrusted X.509 catches this tuple.
+_X509_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 
 
 def _now(now: int | None) -> int:
@@ -564,7 +591,7 @@ def _load_cert(der: bytes, what: str, error: type[DcapError]) -> _Cert:
         self_signed = cert.issuer == cert.subject
         issuer_der = cert.issuer.public_bytes()
         serial = cert.serial_number
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except _X509_ERRORS as exc:
         if error is VerificationError:
             raise VerificationError(what, f"certificate does not parse ({exc})") from None
         raise error(f"{what}: certificate does not parse ({exc})") from None
@@ -594,7 +621,7 @@ def _pem_chain(pem: bytes | str, what: str, error: type[DcapError]) -> list[_Cer
 def _signed_by(cert: _Cert, issuer: _Cert) -> bool:
     try:
         cert.cert.verify_directly_issued_by(issuer.cert)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+    except (*_X509_ERRORS, InvalidSignature):
         return False
     return True
 
@@ -683,7 +710,7 @@ _INTEL_ROOT_SHA256: str | None = None
 def _root_der(data: bytes | str) -> bytes:
     """DER of a root given as DER or PEM bytes."""
     if isinstance(data, str):
-        data = data.encode()
+        data = data.encode("utf-8", "replace")  # a lone surrogate cannot be part of valid PEM anyway
     if b"-----BEGIN CERTIFICATE-----" in data:
         m = _PEM_CERT_RE.search(data)
         if not m:
@@ -711,6 +738,12 @@ def is_intel_root(der: bytes) -> bool:
     return hashlib.sha256(_root_der(der)).hexdigest() == _INTEL_ROOT_SHA256
 
 
+# Non-Intel roots already warned about in this process (SHA-256 of the DER).  load_root_ca, which
+# the CLIs call, prints its warning on stderr; a Verifier logs one only for a root nobody announced
+# yet, so a tool that does both shows exactly one.
+_WARNED_ROOTS: set[bytes] = set()
+
+
 def load_root_ca(path: str | None) -> bytes:
     """Trusted root from a file (DER or PEM), or the shipped Intel root when `path` is None.  Warns on
     stderr when it is not Intel's: quotes then prove nothing about real SGX hardware."""
@@ -723,6 +756,7 @@ def load_root_ca(path: str | None) -> bytes:
     if not is_intel_root(der):
         print(f"warning: trusted root {path} is not the Intel SGX Root CA; quotes verified against it "
               "prove nothing about genuine SGX hardware", file=sys.stderr)
+        _WARNED_ROOTS.add(hashlib.sha256(der).digest())
     return der
 
 
@@ -858,7 +892,7 @@ def _check_pck_chain(cert_data: CertificationData, root: _Cert) -> _VerifiedPck:
         ext = parse_sgx_extension(ext_value.value)  # type: ignore[attr-defined]
     except x509.ExtensionNotFound:
         raise VerificationError("pck_extension", "PCK certificate has no SGX extension") from None
-    except (ValueError, AttributeError) as exc:
+    except (*_X509_ERRORS, AttributeError) as exc:
         raise VerificationError("pck_extension", f"SGX extension is malformed: {exc}") from None
     lowered = inter.cn.lower()
     ca = "processor" if "processor" in lowered else "platform" if "platform" in lowered else inter.cn
@@ -881,14 +915,25 @@ class _VerifiedCrl:
     validity: tuple[_Validity, ...]
 
 
-def _load_crl(der: bytes, piece: str) -> x509.CertificateRevocationList:
+class _Crl(NamedTuple):
+    """A CRL with the fields `cryptography` parses lazily (issuer name, dates) already read, so a
+    malformed one fails here, as CollateralError, and not at first use."""
+
+    crl: x509.CertificateRevocationList
+    issuer: x509.Name
+    this_update: int
+    next_update: int | None
+
+
+def _load_crl(der: bytes, piece: str) -> _Crl:
     der = _crl_bytes(der)
     try:
         crl = x509.load_der_x509_crl(der)
-        crl.next_update_utc  # noqa: B018 - forces parsing of the dates
-    except (ValueError, TypeError) as exc:
+        nu = crl.next_update_utc
+        return _Crl(crl, crl.issuer, int(crl.last_update_utc.timestamp()),
+                    None if nu is None else int(nu.timestamp()))
+    except _X509_ERRORS as exc:
         raise CollateralError(f"{piece}: CRL does not parse ({exc})") from None
-    return crl
 
 
 def _crl_bytes(data: bytes) -> bytes:
@@ -916,31 +961,33 @@ _CRL_REQUIRED_EXTENSIONS = ((ExtensionOID.CRL_NUMBER, "CRL Number"),
 def _check_crl(der: bytes, issuer: _Cert, piece: str) -> _VerifiedCrl:
     """CRL issued by `issuer` (names equal, signature valid).  thisUpdate/nextUpdate are checked
     against `now` later (Intel QVL rejects a CRL that is not yet valid; dcap-qvl does not)."""
-    crl = _load_crl(der, piece)
+    parsed = _load_crl(der, piece)
+    crl = parsed.crl
     try:
         present = {ext.oid for ext in crl.extensions}
-    except ValueError as exc:
+    except _X509_ERRORS as exc:
         raise CollateralError(f"{piece}: CRL extensions do not parse ({exc})") from None
     missing = [name for oid, name in _CRL_REQUIRED_EXTENSIONS if oid not in present]
     if missing:
         # Intel QVL PckCrlVerifier: STATUS_SGX_CRL_INVALID_EXTENSIONS
         raise VerificationError(piece, f"CRL lacks required extension(s): {', '.join(missing)}")
-    if crl.issuer != issuer.cert.subject:
-        raise VerificationError(piece, f"CRL issuer {crl.issuer.rfc4514_string()!r} is not {issuer.cn!r}")
+    if parsed.issuer != issuer.cert.subject:
+        raise VerificationError(piece, f"CRL issuer {parsed.issuer.rfc4514_string()!r} is not {issuer.cn!r}")
     try:
         ok = crl.is_signature_valid(issuer.public_key)  # type: ignore[arg-type]
-    except (TypeError, ValueError, UnsupportedAlgorithm):
+    except _X509_ERRORS:
         ok = False
     if not ok:
         raise VerificationError(piece, f"CRL signature does not verify under {issuer.cn!r}")
-    this_update = int(crl.last_update_utc.timestamp())
-    nu = crl.next_update_utc
-    if nu is None:
+    if parsed.next_update is None:
         raise VerificationError(piece, "CRL has no nextUpdate")
-    revoked = frozenset(r.serial_number for r in crl)
+    try:
+        revoked = frozenset(r.serial_number for r in crl)
+    except _X509_ERRORS as exc:
+        raise CollateralError(f"{piece}: CRL entries do not parse ({exc})") from None
     what = "root CA CRL" if piece == "root_ca_crl" else "PCK CRL"
     return _VerifiedCrl(issuer.cert.subject.public_bytes(), issuer.public_key_raw, revoked,
-                        (_Validity(piece, what, this_update, int(nu.timestamp())),))
+                        (_Validity(piece, what, parsed.this_update, parsed.next_update),))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -949,10 +996,7 @@ def _check_crl(der: bytes, issuer: _Cert, piece: str) -> _VerifiedCrl:
 
 
 def _json_object(text: str, piece: str) -> dict:
-    try:
-        d = json.loads(text)
-    except ValueError as exc:
-        raise CollateralError(f"{piece}: not valid JSON ({exc})") from None
+    d = _parse_json(text, piece)
     if not isinstance(d, dict):
         raise CollateralError(f"{piece}: must be a JSON object")
     return d
@@ -1149,7 +1193,7 @@ def _check_signed_json(text: str, signature: bytes, chain_pem: str, root: _Cert,
     signer = _check_signing_chain(chain_pem, root, piece)
     if len(signature) != ECDSA_SIG_LEN:
         raise CollateralError(f"{piece}_signature: must be {ECDSA_SIG_LEN} bytes (r||s)")
-    if not _verify_ecdsa(signer.public_key, signature, text.encode("utf-8")):
+    if not _verify_ecdsa(signer.public_key, signature, _utf8(text, piece)):
         raise VerificationError(f"{piece}_signature",
                                 f"{piece} signature does not verify under {signer.cn!r}")
     body = parse_tcb_info(text) if piece == "tcb_info" else parse_qe_identity(text)
@@ -1512,8 +1556,11 @@ class Verifier:
         self._caches = _Caches()
         self.root_der = intel_root_ca() if root_ca is None else _root_der(root_ca)
         self.intel_root = is_intel_root(self.root_der)
-        if not self.intel_root:
-            _log.warning("dcap.Verifier: trusted root is not the Intel SGX Root CA")
+        digest = hashlib.sha256(self.root_der).digest()
+        if not self.intel_root and digest not in _WARNED_ROOTS:
+            _WARNED_ROOTS.add(digest)
+            _log.warning("dcap.Verifier: trusted root is not the Intel SGX Root CA; quotes verified "
+                         "against it prove nothing about genuine SGX hardware")
         self._root: _Cert | None = None
 
     @property
@@ -1559,10 +1606,7 @@ _TCB_OBJECT_RE = re.compile(r'"(tcbInfo|enclaveIdentity)"\s*:\s*')
 def _signed_body(text: str, key: str, what: str) -> tuple[str, bytes]:
     """From PCS's {"tcbInfo": {...}, "signature": "hex"}: the exact bytes of the signed object (the
     signature covers them as sent, so they are cut out, never re-serialized) and the signature."""
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise CollateralError(f"{what}: response is not JSON ({exc})") from None
+    doc = _parse_json(text, f"{what} response")
     if (not isinstance(doc, dict) or not isinstance(doc.get(key), dict)
             or not isinstance(doc.get("signature"), str)):
         raise CollateralError(f"{what}: response lacks {key!r} object or 'signature'")
@@ -1570,7 +1614,7 @@ def _signed_body(text: str, key: str, what: str) -> tuple[str, bytes]:
         if m.group(1) == key:
             try:
                 _, end = json.JSONDecoder().raw_decode(text, m.end())
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             body = text[m.end():end]
             break
@@ -1583,19 +1627,59 @@ def _signed_body(text: str, key: str, what: str) -> tuple[str, bytes]:
     return body, sig
 
 
+class _Reply(NamedTuple):
+    """One PCCS answer, its body read in full (and bounded)."""
+
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+
+    def text(self, what: str) -> str:
+        """The body as text: JSON is UTF-8 (RFC 8259), and Intel signs the UTF-8 bytes."""
+        try:
+            return self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CollateralError(f"{what}: response from {self.url} is not UTF-8") from None
+
+
+# PCS/PCCS answers are small (TCB info ~10 KiB, the largest PCK CRLs tens of KiB).  A longer answer is
+# refused, and never buffered beyond this.
+MAX_PCCS_RESPONSE = 2 << 20
+
+
+def _response_socket(raw: object) -> Any:
+    """The socket under a urllib3 response, or None (other versions or transports): used only to cut
+    each socket read to the time left before the deadline (without it, a fetch can overrun its
+    deadline by one read timeout).  urllib3 keeps it on its connection object, or, for an answer with
+    "Connection: close", only under http.client's socket file (fp.raw is the socket.SocketIO)."""
+    for path in (("_connection", "sock"), ("_fp", "fp", "raw", "_sock")):
+        obj: Any = raw
+        for name in path:
+            obj = getattr(obj, name, None)
+        if callable(getattr(obj, "settimeout", None)):
+            return obj
+    return None
+
+
 class PccsCollateralSource:
     """Collateral from Intel PCS or a PCCS over the v4 API, cached per (FMSPC, CA type) until the
     earliest nextUpdate among the pieces, so a warm verification makes no HTTP request.
 
     `base_url` is the service root (e.g. https://api.trustedservices.intel.com or
-    https://pccs.example:8081); "/sgx/certification/v4" is appended unless already there."""
+    https://pccs.example:8081); "/sgx/certification/v4" is appended unless already there.
+
+    `timeout` bounds one whole fetch (the four requests, bodies included), not each socket read: a
+    server that trickles its answer cannot hold the caller longer (CollateralUnavailable).  Each
+    answer is capped at `max_response` bytes (CollateralError); a longer one is not read."""
 
     API = "/sgx/certification/v4"
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0, session: object | None = None) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 10.0, session: object | None = None,
+                 max_response: int = MAX_PCCS_RESPONSE) -> None:
         base = base_url.rstrip("/")
         self.base = base if base.endswith(self.API) else base + self.API
         self.timeout = timeout
+        self.max_response = max_response
         self._session = session
         self._cache: dict[tuple[bytes, str], tuple[Collateral, int]] = {}
         self._lock = threading.Lock()
@@ -1609,24 +1693,74 @@ class PccsCollateralSource:
             self._session = requests.Session()
         return self._session
 
-    def _get(self, path: str, what: str, params: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    def _get(self, path: str, what: str, deadline: float, params: dict[str, str] | None = None) -> _Reply:
         import requests
 
         url = self.base + path
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CollateralUnavailable(f"{what}: no time left to ask {url} (the whole fetch may take "
+                                        f"{self.timeout:g} s)")
         self.requests += 1
         try:
-            resp = self.session.get(url, params=params, timeout=self.timeout)  # type: ignore[attr-defined]
+            # stream: the body is read below, bounded in size and time; identity: what is counted
+            # against the bound is what arrives (no decompression bomb)
+            resp = self.session.get(url, params=params, timeout=(remaining, remaining),  # type: ignore[attr-defined]
+                                    stream=True, headers={"Accept-Encoding": "identity"})
         except requests.RequestException as exc:
-            raise CollateralUnavailable(f"{what}: {self.base} unreachable ({type(exc).__name__})") from None
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise CollateralUnavailable(f"{what}: HTTP {resp.status_code} from {url}")
-        if resp.status_code != 200:
-            raise CollateralError(f"{what}: HTTP {resp.status_code} from {url}")
-        return resp
+            raise CollateralUnavailable(f"{what}: {url} unreachable ({type(exc).__name__})") from None
+        with contextlib.closing(resp):
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise CollateralUnavailable(f"{what}: HTTP {resp.status_code} from {url}")
+            if resp.status_code != 200:
+                raise CollateralError(f"{what}: HTTP {resp.status_code} from {url}")
+            return _Reply(url, resp.headers, self._read_body(resp.raw, resp.headers, url, what, deadline))
+
+    def _read_body(self, raw: Any, headers: Mapping[str, str], url: str, what: str, deadline: float) -> bytes:
+        """The body, refused as soon as it is known to exceed `max_response` (from Content-Length, or
+        while reading), and given up on at the deadline whatever the pace the server sends at."""
+        import urllib3
+
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise CollateralError(f"{what}: {url} answered with Content-Encoding {encoding[:40]!r}, "
+                                  "not identity as asked")
+        try:
+            declared = int(headers.get("Content-Length", "0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_response:
+            raise CollateralError(f"{what}: {url} announces {declared} bytes, more than the "
+                                  f"{self.max_response} allowed")
+        read = getattr(raw, "read1", None) or raw.read   # read1: what has arrived, not a full buffer
+        sock = _response_socket(raw)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CollateralUnavailable(f"{what}: {url} did not answer in full within {self.timeout:g} s")
+            if sock is not None:
+                with contextlib.suppress(OSError):  # closed once http.client has read the whole body
+                    sock.settimeout(remaining)
+            try:
+                chunk = read(65536, decode_content=False)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                timed_out = isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError)
+                raise CollateralUnavailable(
+                    f"{what}: {url} did not answer in full within {self.timeout:g} s" if timed_out
+                    else f"{what}: reading the answer from {url} failed ({type(exc).__name__})") from None
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_response:
+                raise CollateralError(f"{what}: answer from {url} is longer than the {self.max_response} "
+                                      "bytes allowed")
+            chunks.append(chunk)
 
     @staticmethod
-    def _chain(resp, header: str, what: str) -> str:  # type: ignore[no-untyped-def]
-        value = resp.headers.get(header)
+    def _chain(reply: _Reply, header: str, what: str) -> str:
+        value = reply.headers.get(header)
         if not value:
             raise CollateralError(f"{what}: response has no {header} header")
         chain = urllib.parse.unquote(value)
@@ -1635,19 +1769,20 @@ class PccsCollateralSource:
         return chain
 
     def fetch(self, fmspc: bytes, ca: str) -> Collateral:
-        """Fetch all four pieces now (no cache)."""
+        """Fetch all four pieces now (no cache), within `timeout` seconds in all."""
         if ca not in ("processor", "platform"):
             raise CollateralError(f"PCK CA type must be 'processor' or 'platform', not {ca!r}")
-        tcb = self._get("/tcb", "TCB info", {"fmspc": fmspc.hex()})
-        tcb_info, tcb_sig = _signed_body(tcb.text, "tcbInfo", "TCB info")
+        deadline = time.monotonic() + self.timeout
+        tcb = self._get("/tcb", "TCB info", deadline, {"fmspc": fmspc.hex()})
+        tcb_info, tcb_sig = _signed_body(tcb.text("TCB info"), "tcbInfo", "TCB info")
         tcb_chain = self._chain(tcb, "TCB-Info-Issuer-Chain", "TCB info")
-        qe = self._get("/qe/identity", "QE identity")
-        qe_identity, qe_sig = _signed_body(qe.text, "enclaveIdentity", "QE identity")
+        qe = self._get("/qe/identity", "QE identity", deadline)
+        qe_identity, qe_sig = _signed_body(qe.text("QE identity"), "enclaveIdentity", "QE identity")
         qe_chain = self._chain(qe, "SGX-Enclave-Identity-Issuer-Chain", "QE identity")
-        crl = self._get("/pckcrl", "PCK CRL", {"ca": ca, "encoding": "der"})
-        pck_crl = _crl_bytes(crl.content)
+        crl = self._get("/pckcrl", "PCK CRL", deadline, {"ca": ca, "encoding": "der"})
+        pck_crl = _crl_bytes(crl.body)
         crl_chain = self._chain(crl, "SGX-PCK-CRL-Issuer-Chain", "PCK CRL")
-        root_crl = _crl_bytes(self._get("/rootcacrl", "root CA CRL").content)
+        root_crl = _crl_bytes(self._get("/rootcacrl", "root CA CRL", deadline).body)
         return Collateral(crl_chain, root_crl, pck_crl, tcb_chain, tcb_info, tcb_sig, qe_chain, qe_identity,
                           qe_sig)
 
@@ -1667,8 +1802,12 @@ class PccsCollateralSource:
 
 def collateral_next_update(c: Collateral) -> int:
     """Earliest nextUpdate of the four pieces (unverified: only used to decide when to refetch)."""
-    dates = [int(_load_crl(c.root_ca_crl, "root_ca_crl").next_update_utc.timestamp()),  # type: ignore[union-attr]
-             int(_load_crl(c.pck_crl, "pck_crl").next_update_utc.timestamp())]  # type: ignore[union-attr]
+    dates = []
+    for piece, der in (("root_ca_crl", c.root_ca_crl), ("pck_crl", c.pck_crl)):
+        next_update = _load_crl(der, piece).next_update
+        if next_update is None:
+            raise CollateralError(f"{piece}: CRL has no nextUpdate")
+        dates.append(next_update)
     for piece, text in (("tcb_info", c.tcb_info), ("qe_identity", c.qe_identity)):
         dates.append(_parse_date(_json_object(text, piece).get("nextUpdate"), f"{piece}.nextUpdate"))
     return min(dates)
@@ -2035,14 +2174,15 @@ def collateral_strings(collateral: Any) -> dict[str, bytes]:
     tcb_sig = collateral.tcb_info_signature.hex()
     qe_sig = collateral.qe_identity_signature.hex()
     return {
-        "pck_crl_issuer_chain": collateral.pck_crl_issuer_chain.encode() + b"\0",
+        "pck_crl_issuer_chain": _utf8(collateral.pck_crl_issuer_chain, "pck_crl_issuer_chain") + b"\0",
         "root_ca_crl": collateral.root_ca_crl.hex().encode() + b"\0",
         "pck_crl": collateral.pck_crl.hex().encode() + b"\0",
-        "tcb_info_issuer_chain": collateral.tcb_info_issuer_chain.encode() + b"\0",
-        "tcb_info": f'{{"tcbInfo":{collateral.tcb_info},"signature":"{tcb_sig}"}}'.encode() + b"\0",
-        "qe_identity_issuer_chain": collateral.qe_identity_issuer_chain.encode() + b"\0",
-        "qe_identity": (f'{{"enclaveIdentity":{collateral.qe_identity},"signature":"{qe_sig}"}}'.encode()
-                        + b"\0"),
+        "tcb_info_issuer_chain": _utf8(collateral.tcb_info_issuer_chain, "tcb_info_issuer_chain") + b"\0",
+        "tcb_info": _utf8(f'{{"tcbInfo":{collateral.tcb_info},"signature":"{tcb_sig}"}}', "tcb_info") + b"\0",
+        "qe_identity_issuer_chain": (_utf8(collateral.qe_identity_issuer_chain, "qe_identity_issuer_chain")
+                                     + b"\0"),
+        "qe_identity": (_utf8(f'{{"enclaveIdentity":{collateral.qe_identity},"signature":"{qe_sig}"}}',
+                              "qe_identity") + b"\0"),
     }
 
 

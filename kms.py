@@ -108,12 +108,18 @@ def parse_ref(ref: str, *, default_field: str = DEFAULT_FIELD) -> SecretRef:
     return SecretRef(path, field or default_field)
 
 
-def _to_bytes(value: Any, where: str) -> bytes:
-    """Secret values are returned as bytes: str as UTF-8, bytes as is, other JSON as compact JSON."""
+def _to_bytes(value: Any, where: str, error: type[KmsError] = KmsError) -> bytes:
+    """Secret values are returned as bytes: str as UTF-8, bytes as is, other JSON as compact JSON.
+
+    A str parsed from JSON may hold a lone surrogate (the escape ``\\ud800``), which has no UTF-8
+    form: that is `error`, naming ``where`` (the reference), never the value."""
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise error(f"{where}: value is not valid Unicode text (lone surrogate)") from None
     if value is None:
         raise KmsNotFound(f"{where}: value is null")
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -243,7 +249,12 @@ class VaultAgent:
     def _check_addr(addr: str) -> str:
         if not isinstance(addr, str):
             raise KmsConfigError("Vault addr must be a string URL")
-        parsed = urllib.parse.urlsplit(addr.strip())
+        try:
+            # urlsplit refuses e.g. "http://[::1" (unclosed IPv6 bracket); .port one out of 0..65535
+            parsed = urllib.parse.urlsplit(addr.strip())
+            parsed.port  # noqa: B018
+        except ValueError as exc:
+            raise KmsConfigError(f"Vault addr {addr!r} is not a valid URL ({exc})") from None
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise KmsConfigError(f"Vault addr {addr!r} is not an http(s) URL")
         if parsed.query or parsed.fragment or parsed.username or parsed.password:
@@ -451,6 +462,10 @@ class VaultAgent:
             return _Failure(f"{type(exc).__name__}: {_short(exc)}")
         except requests.RequestException as exc:
             raise KmsError(f"request to {node} failed: {type(exc).__name__}: {_short(exc)}") from None
+        except ValueError as exc:
+            # requests parses a redirect's Location even when not following it, and urlsplit refuses
+            # e.g. "http://[::1": the node answered, but with a redirect that leads nowhere.
+            return _Failure(f"malformed redirect ({_short(exc)}), not followed")
         status = reply.status_code
         if status >= 500:
             errors = "; ".join(self._errors(self._json(reply, api_path)))
@@ -473,12 +488,16 @@ class VaultAgent:
 
     def _listed_node(self, location: str) -> str | None:
         """The configured node a redirect points at, or None (never follow to an unlisted address)."""
-        parts = urllib.parse.urlsplit(location)
+        try:
+            parts = urllib.parse.urlsplit(location)
+            port = parts.port
+        except ValueError:  # a malformed Location (bad IPv6 literal, port out of range)
+            return None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return None
         for node in self.addrs:
             known = urllib.parse.urlsplit(node)
-            if (known.scheme, known.hostname, known.port) == (parts.scheme, parts.hostname, parts.port):
+            if (known.scheme, known.hostname, known.port) == (parts.scheme, parts.hostname, port):
                 return node
         return None
 
@@ -508,7 +527,7 @@ class VaultAgent:
             return {}
         try:
             body = reply.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
             if reply.status_code < 300:
                 raise KmsError(f"malformed (non-JSON) answer for {where}: HTTP {reply.status_code}") from None
             return {}
@@ -585,13 +604,14 @@ class JsonAgent:
             if not isinstance(name, str) or not name:
                 raise KmsConfigError(f"JSON secrets ({source}): empty or non-string name")
             if isinstance(value, str | bytes):
-                checked[name] = _to_bytes(value, name)
+                checked[name] = _to_bytes(value, f"JSON secrets ({source}): {name!r}", KmsConfigError)
             elif isinstance(value, Mapping):
                 fields: dict[str, bytes] = {}
                 for field, fv in value.items():
                     if not isinstance(field, str) or not isinstance(fv, str | bytes):
-                        raise KmsConfigError(f"JSON secrets ({source}): {name}#{field} must be a string")
-                    fields[field] = _to_bytes(fv, f"{name}#{field}")
+                        raise KmsConfigError(f"JSON secrets ({source}): {name!r}#{field!r} must be a string")
+                    where = f"JSON secrets ({source}): {name!r}#{field!r}"
+                    fields[field] = _to_bytes(fv, where, KmsConfigError)
                 checked[name] = fields
             else:
                 raise KmsConfigError(
@@ -613,6 +633,8 @@ class JsonAgent:
         except ValueError as exc:
             # json's message has line/column only, never the document text
             raise KmsConfigError(f"JSON secrets file {path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise KmsConfigError(f"JSON secrets file {path} is not valid JSON: nested too deeply") from None
         return cls(values, source=str(path))
 
     def get(self, path: str) -> bytes:

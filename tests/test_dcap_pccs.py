@@ -4,6 +4,8 @@ collateral the way PCCS does: signed JSON bodies, issuer chains as URL-encoded P
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
 import subprocess
 import sys
@@ -33,6 +35,7 @@ class Pccs:
         self.root_crl_hex = True
         self.drop_header = False
         self.spaced = False
+        self.delay = 0.0  # seconds before each answer (a slow but steady server)
         pccs = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +44,7 @@ class Pccs:
 
             def do_GET(self):
                 pccs.requests.append(self.path)
+                time.sleep(pccs.delay)
                 status, body, headers = pccs.answer(self.path)
                 self.send_response(status)
                 for k, v in headers.items():
@@ -281,3 +285,135 @@ def test_file_source_rereads_changed_file(tmp_path):
     assert isinstance(dcap.open_collateral_source(None, "http://x"), dcap.PccsCollateralSource)
     with pytest.raises(dcap.DcapError):
         dcap.open_collateral_source(None, None)
+
+
+# --- bounds: size of one answer, time of one whole fetch --------------------------------------------
+
+
+class Streamer:
+    """Answers every request with 200, `headers` and `chunk` repeated `repeat` times, with no
+    Content-Length (HTTP/1.0: the body ends when the connection closes); counts the bytes it managed
+    to hand to the socket."""
+
+    def __init__(self, chunk: bytes, repeat: int, headers: dict[str, str] | None = None) -> None:
+        self.sent = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    for _ in range(repeat):
+                        self.wfile.write(chunk)
+                        owner.sent += len(chunk)
+                except OSError:
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_oversized_answer_without_length_is_refused_while_reading():
+    """No Content-Length to refuse on: the client stops reading at the cap, not at the end of 64 MiB."""
+    server = Streamer(b"{" * (1 << 16), 1024)
+    try:
+        with pytest.raises(dcap.CollateralError, match=r"/tcb is longer than the 2097152 bytes allowed"):
+            dcap.PccsCollateralSource(server.url, timeout=10).fetch(b"\0" * 6, "processor")
+        time.sleep(0.2)
+        assert server.sent < 32 << 20, f"the client read on: the server sent {server.sent} bytes"
+    finally:
+        server.close()
+
+
+def test_max_response_is_configurable_and_compressed_answers_are_refused():
+    server = Streamer(b"x" * 1000, 3)
+    try:
+        with pytest.raises(dcap.CollateralError, match="longer than the 2000 bytes"):
+            dcap.PccsCollateralSource(server.url, max_response=2000).fetch(b"\0" * 6, "processor")
+    finally:
+        server.close()
+    # identity is asked for, so what is counted is what arrives: no decompression bomb
+    server = Streamer(b"\x1f\x8b" + bytes(100), 1, {"Content-Encoding": "gzip"})
+    try:
+        with pytest.raises(dcap.CollateralError, match="Content-Encoding 'gzip'"):
+            dcap.PccsCollateralSource(server.url).fetch(b"\0" * 6, "processor")
+    finally:
+        server.close()
+
+
+def test_timeout_bounds_the_whole_fetch(zk):
+    """Four answers of 0.4 s each: fine with timeout=3, over the deadline with timeout=1 (each one alone
+    would be in time), and then the error names the endpoint it was waiting for."""
+    server, _quote, coll, exp = zk
+    fmspc = bytes.fromhex(exp["fmspc"])
+    server.delay = 0.4
+    assert dcap.PccsCollateralSource(server.url, timeout=3).fetch(fmspc, "processor") == coll
+    start = time.monotonic()
+    with pytest.raises(dcap.CollateralUnavailable, match=r"/sgx/certification/v4/(pckcrl|rootcacrl)"):
+        dcap.PccsCollateralSource(server.url, timeout=1.0).fetch(fmspc, "processor")
+    assert time.monotonic() - start < 1.3
+
+
+# --- the warning about a trusted root that is not Intel's: once per tool run -------------------------
+
+
+@pytest.fixture
+def sim_pccs(sim_platform):
+    server = Pccs({sim_platform.fmspc.hex(): (sim_platform.collateral(), "processor")})
+    yield server
+    server.close()
+
+
+def warnings_in(stderr: str) -> int:
+    return stderr.count("not the Intel SGX Root CA")
+
+
+def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(REPO / tool), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_tools_warn_once_about_a_root_that_is_not_intels(sim_platform, sim_pccs, tmp_path):
+    root = str(sim_platform.directory / "root_ca.pem")
+    quote = tmp_path / "q.bin"
+    quote.write_bytes(sim_platform.make_quote(bytes(64)))
+    p = run_tool("dcap.py", "verify", str(quote), "--pccs", sim_pccs.url, "--root-ca", root)
+    assert p.returncode == 0, p.stderr
+    assert warnings_in(p.stderr) == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    sim_dir = str(sim_platform.directory)
+    p = run_tool("ratls.py", "make", "--provider", "sim", "--sim-dir", sim_dir, "--cert", cert, "--key", key)
+    assert p.returncode == 0, p.stderr
+    p = run_tool("ratls.py", "verify", cert, "--pccs", sim_pccs.url, "--root-ca", root, "--json")
+    assert json.loads(p.stdout)["identity"]["tcb_status"] == "UpToDate", p.stderr
+    assert warnings_in(p.stderr) == 1, p.stderr
+
+
+def test_a_process_that_logs_sees_the_root_warning_once(tmp_path, capsys, caplog):
+    """With logging configured (as the server does), load_root_ca's stderr line and the Verifier's log
+    record do not both appear; a Verifier on its own logs once per root, not once per instance."""
+    coll = case("intel-sgx-v3")[1]
+    caplog.set_level(logging.WARNING, logger="dcap")
+    path = tmp_path / "root.der"
+    path.write_bytes(os.urandom(64))  # any root that is not Intel's (never parsed here)
+    root = dcap.load_root_ca(str(path))
+    dcap.Verifier(coll, root_ca=root)
+    dcap.Verifier(coll, root_ca=root)
+    assert warnings_in(capsys.readouterr().err) == 1
+    assert warnings_in(caplog.text) == 0
+    other = os.urandom(64)
+    dcap.Verifier(coll, root_ca=other)
+    dcap.Verifier(coll, root_ca=other)
+    assert warnings_in(caplog.text) == 1 and warnings_in(capsys.readouterr().err) == 0

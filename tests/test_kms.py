@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -295,6 +296,55 @@ def test_hung_server_is_unavailable_by_timeout(silent_server: str) -> None:
     assert 0.8 <= elapsed < 2.0, elapsed
 
 
+@pytest.fixture
+def odd_vault() -> Iterator[tuple[str, dict[str, tuple[int, dict[str, str], bytes]]]]:
+    """An HTTP server answering each path (query ignored) as told in the returned dict:
+    (status, headers, body); 404 otherwise.  Stands in for a broken or hostile Vault."""
+    answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            status, headers, body = answers.get(self.path.split("?")[0], (404, {}, b""))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", answers
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_odd_vault_answers_are_kms_errors(odd_vault: tuple[str, dict]) -> None:
+    """Regressions: a redirect to a malformed Location raised ValueError (urlsplit / .port), a body
+    nested deeper than the stack RecursionError (reply.json())."""
+    url, answers = odd_vault
+    mounts = "/v1/sys/internal/ui/mounts/kv/x"
+    for location in ("http://[::1", "http://127.0.0.1:99999/v1/x"):
+        answers[mounts] = (307, {"Location": location}, b"")
+        with pytest.raises(KmsUnavailable, match="redirect"):
+            VaultAgent(url, "s.tok", retries=0).get("kv/x")
+    answers[mounts] = (200, {"Content-Type": "application/json"}, b"[" * 100_000)
+    with pytest.raises(KmsError, match="malformed"):
+        VaultAgent(url, "s.tok", retries=0).get("kv/x")
+    # a value with a lone surrogate (JSON escape) cannot become bytes: KmsError naming the reference
+    answers[mounts] = (200, {}, json.dumps({"data": {"path": "kv/", "type": "kv"}}).encode())
+    answers["/v1/kv/x"] = (200, {}, b'{"data": {"key": "v\\ud800"}}')
+    with pytest.raises(KmsError, match="kv/x#key") as info:
+        VaultAgent(url, "s.tok", retries=0).get("kv/x")
+    assert "\ud800" not in str(info.value)
+
+
 def test_https_with_ca_file(tmp_path: Path) -> None:
     with OpenBao(tmp_path / "tls", tls=True) as bao:
         bao.enable_kv("occlum/1", version=1)
@@ -325,6 +375,15 @@ def test_agent_configuration_is_checked_without_echoing_the_token() -> None:
     agent = VaultAgent("http://127.0.0.1:8200/", "  s.tok-value  ")
     assert agent.addr == "http://127.0.0.1:8200"
     assert "s.tok-value" not in repr(agent)
+    # regressions: urlsplit / .port raised ValueError for these
+    for addr in (
+        "http://[::1",
+        "http://[::1]:8200,http://[::1",
+        "http://h:99999",
+        ["http://h:1", "http://h:-1"],
+    ):
+        with pytest.raises(KmsConfigError, match="not a valid URL"):
+            VaultAgent(addr, "s.tok")
 
 
 def test_parse_ref() -> None:
@@ -353,6 +412,21 @@ def test_json_agent_inline_like_policy_no_kms() -> None:
         JsonAgent({"n": 5})
 
 
+def test_json_agent_refuses_values_with_lone_surrogates(tmp_path: Path) -> None:
+    """Regression: a value with a lone surrogate (no UTF-8 form) raised UnicodeEncodeError.  Now a
+    KmsConfigError at construction that names the secret, not the value."""
+    value = "secret-" + secrets.token_hex(6)
+    for values, name in (({"a": value + "\ud800"}, "'a'"), ({"a": {"f": value + "\udc00"}}, "'a'#'f'")):
+        with pytest.raises(KmsConfigError, match=name) as info:
+            JsonAgent(values)
+        assert_clean(info.value, [value])
+    path = tmp_path / "surrogate.json"
+    path.write_text('{"occlum/1/k": "' + value + '\\ud800"}')  # the JSON escape, as a file holds it
+    with pytest.raises(KmsConfigError, match="occlum/1/k") as info:
+        JsonAgent.from_file(path)
+    assert_clean(info.value, [value])
+
+
 def test_json_agent_from_file(tmp_path: Path) -> None:
     value = "file-secret-" + secrets.token_hex(6)
     path = tmp_path / "secrets.json"
@@ -368,6 +442,11 @@ def test_json_agent_from_file(tmp_path: Path) -> None:
     assert_clean(info.value, [value])
     with pytest.raises(KmsConfigError, match="cannot read"):
         JsonAgent.from_file(tmp_path / "missing.json")
+    # regression: nesting deeper than the stack raised RecursionError
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    with pytest.raises(KmsConfigError, match="nested too deeply"):
+        JsonAgent.from_file(deep)
 
 
 def test_agent_from_config(tmp_path: Path) -> None:
