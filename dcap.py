@@ -520,47 +520,57 @@ def _ecdsa_der(sig: bytes) -> bytes:
     return encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
 
 
-def _der_tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """One DER TLV at `pos`: (tag, value_start, value_end).  ValueError on anything malformed."""
+def der_tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """One DER element at `pos`: (tag, content_start, content_end); ValueError if malformed.
+
+    Strict (single-byte tags, minimal lengths): shared by the PCK extension reader here and by
+    ratls, which lists certificate extensions exactly as written.
+    """
     if pos + 2 > end:
-        raise ValueError("truncated TLV")
+        raise ValueError("truncated DER element")
     tag = data[pos]
-    length = data[pos + 1]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("multi-byte DER tags are not expected here")
+    first = data[pos + 1]
     pos += 2
-    if length & 0x80:
-        n = length & 0x7F
+    if first < 0x80:
+        length = first
+    else:
+        n = first & 0x7F
         if n == 0 or n > 4 or pos + n > end:
-            raise ValueError("bad length")
-        length = int.from_bytes(data[pos:pos + n], "big")
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos : pos + n], "big")
+        if length < 0x80 or data[pos] == 0:
+            raise ValueError("non-minimal DER length")
         pos += n
     if pos + length > end:
-        raise ValueError("value past end")
+        raise ValueError("DER element overruns its container")
     return tag, pos, pos + length
 
 
-def _der_items(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
-    items = []
+def der_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    out = []
     pos = start
     while pos < end:
-        tag, vs, ve = _der_tlv(data, pos, end)
-        items.append((tag, vs, ve))
-        pos = ve
-    return items
+        tag, cs, ce = der_tlv(data, pos, end)
+        out.append((tag, cs, ce))
+        pos = ce
+    return out
 
 
-def _oid_str(raw: bytes) -> str:
-    if not raw:
-        raise ValueError("empty OID")
-    parts = [raw[0] // 40, raw[0] % 40] if raw[0] < 80 else [2, raw[0] - 80]
+def oid_dotted(content: bytes) -> str:
+    if not content or content[-1] & 0x80:
+        raise ValueError("bad OID encoding")
+    arcs: list[int] = []
     value = 0
-    for b in raw[1:]:
+    for b in content:
         value = (value << 7) | (b & 0x7F)
         if not b & 0x80:
-            parts.append(value)
+            arcs.append(value)
             value = 0
-    if raw[-1] & 0x80:
-        raise ValueError("truncated OID")
-    return ".".join(map(str, parts))
+    first = arcs[0]
+    head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
+    return ".".join(str(a) for a in head + arcs[1:])
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -801,17 +811,17 @@ def _der_uint(data: bytes, vs: int, ve: int, name: str) -> int:
 def parse_sgx_extension(value: bytes) -> PckExtension:
     """Decode the SGX extension's DER: SEQUENCE OF SEQUENCE {OID, value}.  ValueError when malformed."""
     base = SGX_EXTENSION_OID + "."
-    tag, s, e = _der_tlv(value, 0, len(value))
+    tag, s, e = der_tlv(value, 0, len(value))
     if tag != 0x30 or e != len(value):
         raise ValueError("extension is not one SEQUENCE")
     found: dict[str, tuple[int, int, int]] = {}
-    for tag, vs, ve in _der_items(value, s, e):
+    for tag, vs, ve in der_children(value, s, e):
         if tag != 0x30:
             raise ValueError("entry is not a SEQUENCE")
-        kids = _der_items(value, vs, ve)
+        kids = der_children(value, vs, ve)
         if len(kids) != 2 or kids[0][0] != 0x06:
             raise ValueError("entry is not {OID, value}")
-        oid = _oid_str(value[kids[0][1]:kids[0][2]])
+        oid = oid_dotted(value[kids[0][1]:kids[0][2]])
         if oid.startswith(base):
             if oid[len(base):] in found:
                 raise ValueError(f"duplicate entry {oid}")
@@ -831,11 +841,11 @@ def parse_sgx_extension(value: bytes) -> PckExtension:
     pce_svn = None
     cpu_svn = None
     seen: set[str] = set()
-    for tag, vs, ve in _der_items(value, found["2"][1], found["2"][2]):
-        kids = _der_items(value, vs, ve) if tag == 0x30 else []
+    for tag, vs, ve in der_children(value, found["2"][1], found["2"][2]):
+        kids = der_children(value, vs, ve) if tag == 0x30 else []
         if len(kids) != 2 or kids[0][0] != 0x06:
             raise ValueError("TCB entry is not {OID, value}")
-        oid = _oid_str(value[kids[0][1]:kids[0][2]])
+        oid = oid_dotted(value[kids[0][1]:kids[0][2]])
         if not oid.startswith(base + "2."):
             continue
         idx = oid[len(base) + 2:]

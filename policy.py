@@ -31,18 +31,7 @@ import ratls
 __all__ = ["AmbiguousApp", "AppPolicy", "Policy", "PolicyError", "load_policy", "parse_policy"]
 
 # The appraisal keys belong to ratls.ReferenceValues; the others are the policy's own.
-APPRAISAL_KEYS = frozenset(
-    {
-        "mr_enclave",
-        "mr_signer",
-        "isv_prod_id",
-        "min_isv_svn",
-        "allow_debug",
-        "allowed_tcb_statuses",
-        "refused_advisories",
-        "accepted_advisories",
-    }
-)
+APPRAISAL_KEYS = frozenset(ratls.REFERENCE_VALUE_KEYS)
 APP_KEYS = frozenset({"_comment", "id", "app_token", "secrets"}) | APPRAISAL_KEYS
 TOP_KEYS = frozenset(
     {

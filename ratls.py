@@ -119,57 +119,8 @@ class QuoteProvider(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------
-# Minimal DER reading: enough to list a certificate's extensions exactly as written, including
-# duplicates and odd OIDs that x509 libraries refuse or normalise.
-
-
-def _der_tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """Read one DER element at ``pos``; return (tag, content_start, content_end)."""
-    if pos + 2 > end:
-        raise ValueError("truncated DER element")
-    tag = data[pos]
-    if tag & 0x1F == 0x1F:
-        raise ValueError("multi-byte DER tags are not expected here")
-    first = data[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        n = first & 0x7F
-        if n == 0 or n > 4 or pos + n > end:
-            raise ValueError("bad DER length")
-        length = int.from_bytes(data[pos : pos + n], "big")
-        if length < 0x80 or data[pos] == 0:
-            raise ValueError("non-minimal DER length")
-        pos += n
-    if pos + length > end:
-        raise ValueError("DER element overruns its container")
-    return tag, pos, pos + length
-
-
-def _der_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
-    out = []
-    pos = start
-    while pos < end:
-        tag, cs, ce = _der_tlv(data, pos, end)
-        out.append((tag, cs, ce))
-        pos = ce
-    return out
-
-
-def _oid_to_dotted(content: bytes) -> str:
-    if not content or content[-1] & 0x80:
-        raise ValueError("bad OID encoding")
-    arcs: list[int] = []
-    value = 0
-    for b in content:
-        value = (value << 7) | (b & 0x7F)
-        if not b & 0x80:
-            arcs.append(value)
-            value = 0
-    first = arcs[0]
-    head = [0, first] if first < 40 else [1, first - 40] if first < 80 else [2, first - 80]
-    return ".".join(str(a) for a in head + arcs[1:])
+# Extensions exactly as written (dcap's strict DER reader): duplicates and odd OIDs that x509
+# libraries refuse or normalise must be seen, not hidden.
 
 
 @dataclass(frozen=True)
@@ -183,20 +134,20 @@ class RawExtension:
 
 def raw_extensions(tbs: bytes) -> list[RawExtension]:
     """List the extensions of a DER TBSCertificate in order, duplicates included."""
-    tag, cs, ce = _der_tlv(tbs, 0, len(tbs))
+    tag, cs, ce = dcap.der_tlv(tbs, 0, len(tbs))
     if tag != 0x30 or ce != len(tbs):
         raise ValueError("TBSCertificate is not one SEQUENCE")
     exts: list[RawExtension] = []
-    for tag, fs, fe in _der_children(tbs, cs, ce):
+    for tag, fs, fe in dcap.der_children(tbs, cs, ce):
         if tag != 0xA3:  # [3] EXPLICIT Extensions
             continue
-        seq = _der_children(tbs, fs, fe)
+        seq = dcap.der_children(tbs, fs, fe)
         if len(seq) != 1 or seq[0][0] != 0x30:
             raise ValueError("extensions field is not one SEQUENCE")
-        for etag, es, ee in _der_children(tbs, seq[0][1], seq[0][2]):
+        for etag, es, ee in dcap.der_children(tbs, seq[0][1], seq[0][2]):
             if etag != 0x30:
                 raise ValueError("extension is not a SEQUENCE")
-            parts = _der_children(tbs, es, ee)
+            parts = dcap.der_children(tbs, es, ee)
             if len(parts) not in (2, 3) or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
                 raise ValueError("extension is not {OID, [critical], OCTET STRING}")
             critical = False
@@ -204,7 +155,7 @@ def raw_extensions(tbs: bytes) -> list[RawExtension]:
                 if parts[1][0] != 0x01 or parts[1][2] - parts[1][1] != 1:
                     raise ValueError("extension criticality is not a BOOLEAN")
                 critical = tbs[parts[1][1]] != 0
-            oid = _oid_to_dotted(tbs[parts[0][1] : parts[0][2]])
+            oid = dcap.oid_dotted(tbs[parts[0][1] : parts[0][2]])
             exts.append(RawExtension(oid, critical, tbs[parts[-1][1] : parts[-1][2]]))
     return exts
 
@@ -641,7 +592,7 @@ class Decision:
 
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_RV_KEYS = (
+REFERENCE_VALUE_KEYS = (
     "mr_enclave",
     "mr_signer",
     "isv_prod_id",
@@ -754,7 +705,7 @@ class ReferenceValues:
         """Strict loader: unknown keys, wrong types and malformed hex are errors naming the field."""
         if not isinstance(d, dict):
             raise ReferenceValuesError(f"{where or 'reference values'}: must be an object")
-        unknown = sorted(set(d) - set(_RV_KEYS), key=str)
+        unknown = sorted(set(d) - set(REFERENCE_VALUE_KEYS), key=str)
         if unknown:
             raise ReferenceValuesError(f"{_field(where, str(unknown[0]))}: unknown key")
         kw: dict[str, Any] = {}

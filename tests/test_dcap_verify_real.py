@@ -986,10 +986,10 @@ def test_sgx_extension_reader_refuses_duplicates_and_gaps():
     pem = q.signature.certification_data.data.split(b"-----END CERTIFICATE-----")[0]
     leaf = x509.load_pem_x509_certificate(pem + b"-----END CERTIFICATE-----\n")
     ext = leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier(dcap.SGX_EXTENSION_OID)).value.value
-    _, start, end = dcap._der_tlv(ext, 0, len(ext))
+    _, start, end = dcap.der_tlv(ext, 0, len(ext))
     entries = [
         ext[s - (2 if e - s < 128 else 2 + (e - s).bit_length() // 8 + 1) : e]
-        for _, s, e in dcap._der_items(ext, start, end)
+        for _, s, e in dcap.der_children(ext, start, end)
     ]
     assert b"".join(entries) == ext[start:end]
 

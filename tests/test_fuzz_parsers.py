@@ -691,7 +691,7 @@ def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     """(tag, element start, element end) of each element in data[start:end]."""
     out, pos = [], start
     while pos < end:
-        tag, _, ve = dcap._der_tlv(data, pos, end)
+        tag, _, ve = dcap.der_tlv(data, pos, end)
         out.append((tag, pos, ve))
         pos = ve
     return out
@@ -699,17 +699,17 @@ def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
 
 def crl_without_field(crl: bytes, index: int, replacement: bytes = b"") -> bytes:
     """The CRL with TBSCertList element `index` replaced (by nothing: removed); signature kept."""
-    _, s, e = dcap._der_tlv(crl, 0, len(crl))
+    _, s, e = dcap.der_tlv(crl, 0, len(crl))
     top = _children(crl, s, e)
-    _, ts, te = dcap._der_tlv(crl, top[0][1], top[0][2])
+    _, ts, te = dcap.der_tlv(crl, top[0][1], top[0][2])
     kids = _children(crl, ts, te)
     parts = [crl[a:b] if i != index else replacement for i, (_, a, b) in enumerate(kids)]
     return _tlv(0x30, _tlv(0x30, b"".join(parts)) + b"".join(crl[a:b] for _, a, b in top[1:]))
 
 
 def tbs_field_count(crl: bytes) -> int:
-    _, s, e = dcap._der_tlv(crl, 0, len(crl))
-    _, ts, te = dcap._der_tlv(crl, s, e)
+    _, s, e = dcap.der_tlv(crl, 0, len(crl))
+    _, ts, te = dcap.der_tlv(crl, s, e)
     return len(_children(crl, ts, te))
 
 
