@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 import struct
 import sys
 from collections.abc import Sequence
@@ -36,6 +38,9 @@ TRANSCRIPT_LABEL = b"asps/v1 get-secrets"
 SEAL_INFO_LABEL = b"asps/v1 sealed-secrets"
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 MAX_REQUEST_BYTES = 256 * 1024
+SERVICE_NAME = "asps.v1.SecretProvision"
+REPLICA_METADATA = "asps-replica"  # trailing metadata: which server replica answered
+LB_POLICIES = ("round_robin", "pick_first")
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # unexpected failure (a bug: please report)
@@ -110,9 +115,14 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Result:
+    """What one attestation got; `replica` is the server's own name for itself (`asps-replica`
+    trailing metadata, e.g. its --replica-id or hostname:port), `attempts` counts attestations."""
+
     app_id: str
     secrets: dict[str, bytes]
     host: str
+    replica: str = ""
+    attempts: int = 1
 
 
 # --- protocol pieces (each also usable by clients embedding this module) -------------------------------
@@ -185,23 +195,157 @@ def make_evidence(
 
 
 # --- the call -----------------------------------------------------------------------------------------
+#
+# Several replicas: gRPC balances, not us. Several --host addresses become one channel whose target
+# lists them all (gRPC's static "ipv4:"/"ipv6:" resolver) with the load-balancing policy in the
+# channel's service config: round_robin spreads attestations and skips replicas whose connection
+# failed; pick_first sticks to the first that answers and fails over in list order. One DNS name with
+# several A records works the same way through gRPC's DNS resolver. GetChallenge is retried by gRPC
+# itself on UNAVAILABLE (it does no work on the server); GetSecrets is not (only gRPC's transparent
+# retry of a call that never reached a server applies), because the replica that answered
+# UNAVAILABLE may already have redeemed the token. Instead the whole attestation is retried
+# once with a fresh challenge, on the balancer's next pick: never a replica whose connection failed
+# (killed, restarting, drained); with round_robin otherwise the next replica in turn, unless the set
+# of connected replicas changed in between (gRPC then restarts the rotation at a random replica).
+#
+# GetChallenge and GetSecrets of one attestation may land on different replicas: a token is an HMAC
+# under the key every replica shares, so any of them verifies it. Single use is remembered per replica
+# only; a request replayed to another replica would be answered again, sealed to the enclave's own
+# key, which gives the replayer nothing.
 
 
-def _channel(host: str, ca_pem: bytes | None, server_name: str | None) -> grpc.Channel:
+def parse_hosts(hosts: str | Sequence[str]) -> tuple[str, ...]:
+    """Addresses from `--host` values: each HOST:PORT, or several separated by commas; duplicates
+    dropped, order kept. A single value is passed to gRPC as it is (any gRPC target form works)."""
+    items = [hosts] if isinstance(hosts, str) else [str(h) for h in hosts]
+    out: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                raise UsageError(f"--host {item!r}: empty address")
+            if part not in out:
+                out.append(part)
+    if not out:
+        raise UsageError("--host: no address given")
+    if len(out) > 1:
+        for part in out:
+            _split_host_port(part)
+    return tuple(out)
+
+
+def _split_host_port(addr: str) -> tuple[str, int]:
+    """(host, port) of HOST:PORT or [IPv6]:PORT."""
+    if addr.startswith("["):
+        host, sep, rest = addr[1:].partition("]")
+        port = rest[1:] if sep and rest.startswith(":") else ""
+    else:
+        host, _sep, port = addr.rpartition(":")
+        if ":" in host:
+            host = ""  # a bare IPv6 address needs brackets
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--host {addr!r}: expected HOST:PORT (IPv6 as [ADDR]:PORT) when giving several")
+    return host, int(port)
+
+
+def _ip_addresses(host: str, port: int) -> tuple[list[str], list[str]]:
+    """(IPv4, IPv6) addresses of `host`: itself if a literal, else what the system resolver says."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return ([str(ip)], []) if ip.version == 4 else ([], [str(ip)])
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise Unreachable(f"{host}: cannot resolve ({e})") from None
+    v4 = list(dict.fromkeys(str(i[4][0]) for i in infos if i[0] == socket.AF_INET))
+    v6 = list(dict.fromkeys(str(i[4][0]) for i in infos if i[0] == socket.AF_INET6))
+    return v4, v6
+
+
+def channel_target(hosts: Sequence[str]) -> tuple[str, str | None]:
+    """(gRPC target, TLS name to verify). One address: itself, verified as gRPC does by default.
+    Several: one static multi-address target of a single IP family (IPv4 when every host has one),
+    verified against the first host's name (replicas behind one service name share a certificate
+    name; give --server-name otherwise)."""
+    if len(hosts) == 1:
+        return hosts[0], None
+    resolved = [(*_split_host_port(h), *_ip_addresses(*_split_host_port(h))) for h in hosts]
+    if all(v4 for _h, _p, v4, _v6 in resolved):
+        target = "ipv4:" + ",".join(f"{ip}:{port}" for _h, port, v4, _v6 in resolved for ip in v4)
+    elif all(v6 for _h, _p, _v4, v6 in resolved):
+        target = "ipv6:" + ",".join(f"[{ip}]:{port}" for _h, port, _v4, v6 in resolved for ip in v6)
+    else:
+        raise UsageError("--host: the addresses mix IPv4-only and IPv6-only hosts; give one family")
+    return target, resolved[0][0]
+
+
+def service_config(lb: str, *, shuffle: bool = False) -> str:
+    """The channel's service config: the balancing policy, and gRPC's own retry for GetChallenge.
+    `shuffle` (pick_first only): each client starts at a random replica instead of the first."""
+    if lb not in LB_POLICIES:
+        raise UsageError(f"load-balancing policy must be one of {', '.join(LB_POLICIES)}, not {lb!r}")
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{lb: {"shuffleAddressList": True} if shuffle else {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE_NAME, "method": "GetChallenge"}],
+                    "retryPolicy": {
+                        "maxAttempts": 3,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def _channel(
+    hosts: Sequence[str],
+    ca_pem: bytes | None,
+    server_name: str | None,
+    lb: str = "round_robin",
+    *,
+    shuffle: bool = False,
+) -> grpc.Channel:
+    target, tls_name = channel_target(hosts)
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
         ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
-        ("grpc.enable_retries", 0),
+        ("grpc.service_config", service_config(lb, shuffle=shuffle)),
     ]
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(host, creds, options=options)
+    if len(hosts) > 1:
+        options.append(("grpc.default_authority", hosts[0]))
+    if server_name or tls_name:
+        options.append(("grpc.ssl_target_name_override", server_name or tls_name))
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def _replica_of(call: Any) -> str:
+    """The `asps-replica` trailing metadata of a finished call (or RpcError), if the server sent it."""
+    try:
+        metadata = call.trailing_metadata() or ()
+    except Exception:  # an error raised before any metadata arrived
+        return ""
+    for key, value in metadata:
+        if key == REPLICA_METADATA:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""
 
 
 def _rpc_error(e: grpc.RpcError, host: str, what: str) -> ClientError:
     code = e.code() if hasattr(e, "code") else None
     details = (e.details() if hasattr(e, "details") else "") or ""
+    replica = _replica_of(e)
+    if replica:
+        host = f"{host} (replica {replica})"
     if code == grpc.StatusCode.UNAVAILABLE and (
         "connect" in details.lower() or "handshake" in details.lower() or "ssl" in details.lower()
     ):
@@ -226,8 +370,44 @@ def _rpc_error(e: grpc.RpcError, host: str, what: str) -> ClientError:
     return ClientError(f"{host}: {what} failed ({name}): {details}", status=code, reason=details)
 
 
+def _attest(
+    challenges: asps_pb2_grpc.SecretProvisionStub,
+    requests: asps_pb2_grpc.SecretProvisionStub,
+    label: str,
+    evidence: Evidence,
+    names: list[str],
+    timeout: float,
+    connect_timeout: float,
+) -> tuple[asps_pb2.SecretsReply, bytes, str]:
+    """One attestation: (reply, the token it used, the replica that answered)."""
+    try:
+        challenge = challenges.GetChallenge(
+            asps_pb2.ChallengeRequest(), timeout=min(timeout, connect_timeout)
+        )
+    except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # GetChallenge does no work on the server: failing it means we never got through.
+            raise Unreachable(
+                f"{label}: cannot reach the server ({e.details()}); is it running, is the address right, "
+                "and is its certificate signed by the pinned --ca?",
+                status=e.code(),
+                reason=e.details() or "",
+            ) from None
+        raise _rpc_error(e, label, "GetChallenge") from None
+    token = challenge.token
+    signature = sign_transcript(evidence.private_key, transcript(token, evidence.cert_der, names))
+    request = asps_pb2.SecretsRequest(
+        evidence=evidence.cert_der, token=token, names=names, signature=signature
+    )
+    try:
+        reply, call = requests.GetSecrets.with_call(request, timeout=timeout)
+    except grpc.RpcError as e:
+        raise _rpc_error(e, label, "GetSecrets") from None
+    return reply, token, _replica_of(call)
+
+
 def fetch_secrets(
-    host: str,
+    host: str | Sequence[str],
     *,
     ca: bytes | str | None,
     names: Sequence[str] = (),
@@ -238,80 +418,90 @@ def fetch_secrets(
     timeout: float = 10.0,
     connect_timeout: float = 5.0,
     server_name: str | None = None,
+    lb: str = "round_robin",
+    retries: int = 1,
 ) -> Result:
     """One attestation: challenge, signed request, sealed reply opened. Raises ClientError subclasses.
 
+    `host` is one address or several replicas (a list, or comma-separated), balanced by gRPC with
+    `lb` ("round_robin" or "pick_first"). On UNAVAILABLE the attestation is repeated up to `retries`
+    times with a fresh challenge (the balancer picks the next replica); other refusals are final.
     `ca` pins the server's CA (PEM bytes, or a file name); None uses the system roots.
     `names` empty asks for every secret the policy grants this enclave.
     """
     names = list(names)
     if len(set(names)) != len(names):
         raise UsageError("a secret name is repeated")
+    if retries < 0:
+        raise UsageError("retries must not be negative")
+    hosts = parse_hosts(host)
+    label = ",".join(hosts)
     ca_pem = _read_ca(ca)
     if evidence is None:
         evidence = make_evidence(provider, key_type=key_type, **(provider_options or {}))
-    channel = _channel(host, ca_pem, server_name)
+    # One channel balances every GetSecrets. Its first challenge comes from it too (that first call
+    # makes gRPC connect to every replica); a retry's challenge comes from a second channel (one
+    # connection, opened only then) so that round_robin's next pick on the first channel, the retry's
+    # GetSecrets, is the replica after the one that failed. Taken from the first channel, with two
+    # replicas and two calls per attestation, every GetSecrets would land on the same replica.
+    channels = [
+        _channel(hosts, ca_pem, server_name, lb),
+        _channel(hosts, ca_pem, server_name, "pick_first", shuffle=lb == "round_robin"),
+    ]
     try:
-        stub = asps_pb2_grpc.SecretProvisionStub(channel)
-        try:
-            challenge = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=min(timeout, connect_timeout))
-        except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                # GetChallenge does no work on the server: failing it means we never got through.
-                raise Unreachable(
-                    f"{host}: cannot reach the server ({e.details()}); is it running, is the address right, "
-                    "and is its certificate signed by the pinned --ca?",
-                    status=e.code(),
-                    reason=e.details() or "",
-                ) from None
-            raise _rpc_error(e, host, "GetChallenge") from None
-        token = challenge.token
-        signature = sign_transcript(evidence.private_key, transcript(token, evidence.cert_der, names))
-        request = asps_pb2.SecretsRequest(
-            evidence=evidence.cert_der, token=token, names=names, signature=signature
-        )
-        try:
-            reply = stub.GetSecrets(request, timeout=timeout)
-        except grpc.RpcError as e:
-            raise _rpc_error(e, host, "GetSecrets") from None
+        main, side = (asps_pb2_grpc.SecretProvisionStub(c) for c in channels)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                reply, token, replica = _attest(
+                    main if attempt == 1 else side, main, label, evidence, names, timeout, connect_timeout
+                )
+                break
+            except ClientError as e:
+                if e.status != grpc.StatusCode.UNAVAILABLE or attempt > retries:
+                    raise
     finally:
-        channel.close()
+        for c in channels:
+            c.close()
     secrets = open_bundle(evidence.private_key, reply.sealed, token)
     if names and set(secrets) != set(names):
         raise BadReply("the reply does not hold exactly the secrets asked for")
     if not secrets:
         raise BadReply("the reply holds no secrets")
-    return Result(reply.app_id, secrets, host)
+    return Result(reply.app_id, secrets, label, replica, attempt)
 
 
 def get_secrets(
-    host: str, *, ca: bytes | str | None, names: Sequence[str] = (), **kwargs: Any
+    host: str | Sequence[str], *, ca: bytes | str | None, names: Sequence[str] = (), **kwargs: Any
 ) -> dict[str, bytes]:
     """The secrets this enclave is granted (all, or `names`), as name -> bytes."""
     return fetch_secrets(host, ca=ca, names=names, **kwargs).secrets
 
 
 def get_secret_legacy(
-    host: str,
+    host: str | Sequence[str],
     key: str,
     *,
     ca: bytes | str | None,
     evidence: Evidence,
     timeout: float = 10.0,
     server_name: str | None = None,
+    lb: str = "round_robin",
 ) -> str:
     """The original cczoo call (secretmanager.SecretManger/GetSecret) for servers run with --legacy-cczoo."""
     import secretmanager_pb2
     import secretmanager_pb2_grpc
 
-    channel = _channel(host, _read_ca(ca), server_name)
+    hosts = parse_hosts(host)
+    channel = _channel(hosts, _read_ca(ca), server_name, lb)
     try:
         stub = secretmanager_pb2_grpc.SecretMangerStub(channel)
         ctx = ratls.cert_to_pem(evidence.cert_der).decode("ascii")
         try:
             reply = stub.GetSecret(secretmanager_pb2.SecretRequest(key=key, ctx=ctx), timeout=timeout)
         except grpc.RpcError as e:
-            raise _rpc_error(e, host, "GetSecret") from None
+            raise _rpc_error(e, ",".join(hosts), "GetSecret") from None
     finally:
         channel.close()
     return reply.value
@@ -349,7 +539,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     env = os.environ.get
     p.add_argument(
-        "--host", "-host", default=env("ASPS_HOST", "localhost:50051"), help="server HOST:PORT [ASPS_HOST]"
+        "--host",
+        "-host",
+        action="append",
+        metavar="HOST:PORT",
+        help="server address [ASPS_HOST] (default localhost:50051); repeat it or separate by commas to "
+        "give several replicas, balanced by gRPC (see --lb)",
+    )
+    p.add_argument(
+        "--lb",
+        choices=LB_POLICIES,
+        default=env("ASPS_LB", "round_robin"),
+        help="gRPC load-balancing policy over the replicas [ASPS_LB]: round_robin spreads attestations, "
+        "pick_first uses the first that answers and fails over in order (default %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="repeat the attestation this many times, with a fresh challenge, when a replica answers "
+        "UNAVAILABLE (default %(default)s)",
     )
     p.add_argument(
         "--ca",
@@ -451,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n for n in (args.names or []) if n != "all"]
     try:
         ca_pem = _read_ca(args.ca)
+        hosts = parse_hosts(args.host or [os.environ.get("ASPS_HOST") or "localhost:50051"])
     except ClientError as e:
         print(f"asps_client: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -463,23 +673,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("asps_client: --legacy-cczoo takes exactly one --key", file=sys.stderr)
                 return EXIT_USAGE
             value = get_secret_legacy(
-                args.host,
+                hosts,
                 names[0],
                 ca=ca_pem,
                 evidence=evidence,
                 timeout=args.timeout,
                 server_name=args.server_name,
+                lb=args.lb,
             )
-            result = Result("", {names[0]: value.encode("utf-8")}, args.host)
+            result = Result("", {names[0]: value.encode("utf-8")}, ",".join(hosts))
         else:
             result = fetch_secrets(
-                args.host,
+                hosts,
                 ca=ca_pem,
                 names=names,
                 evidence=evidence,
                 timeout=args.timeout,
                 connect_timeout=args.connect_timeout,
                 server_name=args.server_name,
+                lb=args.lb,
+                retries=args.retries,
             )
         if args.out_dir:
             _write_out(args.out_dir, result.secrets)
@@ -490,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     {
                         "app_id": result.app_id,
                         "host": result.host,
+                        "replica": result.replica,
                         "secrets": {k: _printable(v) for k, v in result.secrets.items()},
                     }
                 )

@@ -758,6 +758,7 @@ def test_client_cli_prints_secret_and_exit_codes(server, env, capsys, tmp_path):
     assert json.loads(capsys.readouterr().out) == {
         "app_id": "app1",
         "host": f"localhost:{server.port}",
+        "replica": server.provisioner.replica_id,  # asps-replica trailing metadata (default hostname:port)
         "secrets": {"secret1": VALUES["a1_other"]},
     }
     out = tmp_path / "out"
