@@ -276,10 +276,18 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
     """(function (app where, app dict, inline name->value) -> KmsAgent, whether secrets name KMS keys)."""
     if kind == "vault":
         addr = data.get("addr")
-        if not isinstance(addr, str) or not re.match(r"^https?://[^\s/]+", addr):
+        # One node, or several (a JSON list or a comma-separated string) of one HA cluster.
+        nodes = addr.split(",") if isinstance(addr, str) else addr
+        if (
+            not isinstance(nodes, list)
+            or not nodes
+            or not all(isinstance(n, str) and re.match(r"^https?://[^\s/]+", n.strip()) for n in nodes)
+        ):
             raise PolicyError(
-                f"{where}: field 'addr' must be the Vault URL (http[s]://host:port), got {addr!r}"
+                f"{where}: field 'addr' must be the Vault URL (http[s]://host:port), or a list of "
+                f"them for an HA cluster, got {addr!r}"
             )
+        nodes = [n.strip().rstrip("/") for n in nodes]
         method = data.get("auth_method", "token")
         if method != "token":
             raise PolicyError(f"{where}: field 'auth_method' must be 'token' (the only method supported)")
@@ -309,9 +317,7 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
                     "its own read-only token (write_secrets.sh prints one per app)"
                 )
             try:
-                return kms.VaultAgent(
-                    addr.rstrip("/"), token.strip(), ca_file=ca_file, timeout=float(timeout)
-                )
+                return kms.VaultAgent(nodes, token.strip(), ca_file=ca_file, timeout=float(timeout))
             except (kms.KmsError, ValueError) as e:  # ValueError: an address urllib cannot split
                 raise PolicyError(f"{app_where}: field 'addr' or 'app_token': {e}") from None
 

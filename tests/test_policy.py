@@ -239,6 +239,9 @@ def test_vault_app_without_token(tmp_path, token):
     [
         ({"kms": "ehsm"}, "kms"),
         ({"addr": "127.0.0.1:8200"}, "addr"),
+        ({"addr": []}, "addr"),
+        ({"addr": ["http://127.0.0.1:8200", "ftp://x"]}, "addr"),
+        ({"addr": ["http://127.0.0.1:8200", 8201]}, "addr"),
         ({"auth_method": "approle"}, "auth_method"),
         ({"app_list": []}, "app_list"),
         ({"timeout": 0}, "timeout"),
@@ -246,6 +249,20 @@ def test_vault_app_without_token(tmp_path, token):
 )
 def test_bad_top_level_fields(tmp_path, change, field):
     assert field in refused(tmp_path, vault_doc(**change))
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        ["http://127.0.0.1:8200", "http://127.0.0.1:8210/", "http://127.0.0.1:8220"],
+        "http://127.0.0.1:8200, http://127.0.0.1:8210/,http://127.0.0.1:8220",
+    ],
+)
+def test_vault_ha_addr_list_reaches_the_agent(tmp_path, addr):
+    """An HA cluster's nodes, as a JSON list or a comma-separated string, all reach the KMS agent."""
+    pol = policy.load_policy(write(tmp_path, vault_doc(addr=addr)))
+    agent = pol.apps[0].agent
+    assert agent.addrs == ("http://127.0.0.1:8200", "http://127.0.0.1:8210", "http://127.0.0.1:8220")
 
 
 def test_bad_secret_path_and_empty_secrets(tmp_path):
