@@ -14,6 +14,7 @@ exception into a kind. One JSON audit line is written per decision, never with a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import enum
 import functools
@@ -25,7 +26,9 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -66,6 +69,7 @@ TOKEN_MAC_BYTES = 32
 TOKEN_BYTES = 1 + NONCE_BYTES + 8 + TOKEN_MAC_BYTES
 SERVICE_NAME = "asps.v1.SecretProvision"
 LEGACY_SERVICE_NAME = "secretmanager.SecretManger"
+REPLICA_METADATA = "asps-replica"  # trailing metadata of every reply: which replica answered
 
 
 @dataclass(frozen=True)
@@ -285,13 +289,17 @@ def transcript(token: bytes, evidence: bytes, names: Sequence[str]) -> bytes:
     return b"".join(out)
 
 
-def check_signature(der: bytes, token: bytes, names: Sequence[str], signature: bytes) -> Any:
-    """Proof that the caller holds the evidence key now; returns that public key."""
+def check_signature(
+    der: bytes, token: bytes, names: Sequence[str], signature: bytes, public_key: Any = None
+) -> Any:
+    """Proof that the caller holds the evidence key now; returns that public key (read from `der`
+    unless the evidence cache already knows it)."""
     step = "signature"
-    try:
-        public_key = x509.load_der_x509_certificate(der).public_key()
-    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
-        raise Refusal(Kind.BAD_INPUT, step, "evidence public key cannot be read") from None
+    if public_key is None:
+        try:
+            public_key = x509.load_der_x509_certificate(der).public_key()
+        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
+            raise Refusal(Kind.BAD_INPUT, step, "evidence public key cannot be read") from None
     data = transcript(token, der, names)
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -319,6 +327,77 @@ def verify_evidence(der: bytes, verifier: dcap.Verifier, now: int | None = None)
         # A parser bug must not turn hostile input into INTERNAL: refuse, and log it loudly.
         log.exception("unexpected error while verifying evidence (refused as not genuine)")
         raise Refusal(Kind.UNAUTHENTICATED, "evidence", "evidence could not be processed") from None
+
+
+class EvidenceCache:
+    """Identities of evidence verified before, keyed by SHA-256 of the evidence bytes as sent (the DER
+    for DER evidence), so an enclave that asks again skips quote and certificate verification.
+
+    Only what `verify_evidence` proved is kept (the Identity); the token, the signature by the
+    evidence key, the appraisal (with its time checks) and the policy decision run on every request.
+    An entry is used only until min(collateral expiry, certificate notAfter), only under the policy
+    object it was stored under (a reload makes every entry stale), and, with a collateral file, only
+    while the file still holds the bundle it was verified with. Bounded LRU; size 0 turns it off.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: OrderedDict[bytes, tuple[ratls.Identity, int, Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: bytes, now: int, policy: Any, verifier: Any) -> ratls.Identity | None:
+        if self.size <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None:
+                identity, expires, pol, version = entry
+                if now < expires and pol is policy and version is _collateral_version(verifier):
+                    self._entries.move_to_end(digest)
+                    self.hits += 1
+                    return identity
+                del self._entries[digest]
+            self.misses += 1
+            return None
+
+    def version(self, verifier: Any) -> Any:
+        """Taken before verifying, stored with the entry: a file changed meanwhile makes it stale."""
+        return _collateral_version(verifier) if self.size > 0 else None
+
+    def put(self, digest: bytes, identity: ratls.Identity, policy: Any, version: Any) -> None:
+        if self.size <= 0:
+            return
+        expires = min(identity.collateral_expiry, identity.not_after + 1)
+        with self._lock:
+            self._entries[digest] = (identity, expires, policy, version)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_UNREADABLE = object()
+
+
+def _collateral_version(verifier: Any) -> Any:
+    """The bundle a collateral file holds now (a new object when the file changes), else None: a PCCS
+    source only changes its collateral at nextUpdate, which the entry's expiry already covers."""
+    source = getattr(verifier, "source", None)
+    source = getattr(source, "source", source)  # CollateralWatch wraps the real source
+    if not isinstance(source, dcap.FileCollateralSource):
+        return None
+    try:
+        return source.get()
+    except dcap.DcapError:
+        return _UNREADABLE  # never equal to a stored version: verify again, and fail there
 
 
 def sealing_suite(public_key: Any) -> hpke.Suite:
@@ -383,11 +462,17 @@ def decide(
 # --- step: fetch and seal -----------------------------------------------------------------------------
 
 
-def fetch(grant: Grant) -> dict[str, bytes]:
+def fetch(grant: Grant, metrics: NullMetrics | None = None) -> dict[str, bytes]:
+    start = time.monotonic()
     try:
-        return grant.app.fetch(grant.names)
+        values = grant.app.fetch(grant.names)
     except kms.KmsError as e:
+        if metrics is not None:
+            metrics.kms(_kms_result(e), time.monotonic() - start)
         raise classify(e, "kms") from None
+    if metrics is not None:
+        metrics.kms("ok", time.monotonic() - start)
+    return values
 
 
 def seal(suite: hpke.Suite, public_key: Any, values: dict[str, bytes], token: bytes) -> bytes:
@@ -418,13 +503,18 @@ class Provisioner:
         limits: Limits | None = None,
         legacy: bool = False,
         clock: Callable[[], float] = time.time,
+        metrics: NullMetrics | None = None,
+        evidence_cache: EvidenceCache | None = None,
     ) -> None:
+        self.metrics = metrics or NullMetrics()
+        self.evidence = EvidenceCache() if evidence_cache is None else evidence_cache
         self.policy = policy  # replaced whole on reload; each request reads it once
         self.verifier = verifier
         self.tokens = tokens
         self.limits = limits or Limits()
         self.legacy = legacy
         self._clock = clock
+        self.replica_id = ""  # this process's name in the fleet, sent as asps-replica; set by serve()
 
     def get_challenge(self) -> tuple[bytes, int]:
         return self.tokens.mint()
@@ -432,20 +522,27 @@ class Provisioner:
     def get_secrets(
         self, evidence: bytes, token: bytes, names: Sequence[str], signature: bytes, *, peer: str = ""
     ) -> tuple[str, bytes]:
-        rec = _AuditRecord("get_secrets", peer, list(names))
+        rec = _AuditRecord("get_secrets", peer, list(names), metrics=self.metrics)
         try:
             check_sizes(evidence, token, names, signature, self.limits)
             check_token(self.tokens, token)
-            der = evidence_der(evidence)
-            public_key = check_signature(der, token, names, signature)
             now = int(self._clock())
-            identity = verify_evidence(der, self.verifier, now)
+            policy = self.policy
+            digest = hashlib.sha256(evidence).digest()
+            identity = self.evidence.get(digest, now, policy, self.verifier)
+            if identity is None:
+                der = evidence_der(evidence)
+                public_key = check_signature(der, token, names, signature)
+                version = self.evidence.version(self.verifier)
+                identity = verify_evidence(der, self.verifier, now)
+                self.evidence.put(digest, identity, policy, version)
+            else:  # verified before; possession of the key is still proven on every request
+                public_key = check_signature(identity.cert_der, token, names, signature, identity.public_key)
             rec.identity(identity)
             suite = sealing_suite(public_key)
-            policy = self.policy
             grant = decide(policy, identity, names, now)
             rec.app_id, rec.names = grant.app.id, list(grant.names)
-            values = fetch(grant)
+            values = fetch(grant, self.metrics)
             sealed = seal(suite, public_key, values, token)
             if len(sealed) > self.limits.reply - 1024:
                 raise Refusal(Kind.TOO_LARGE, "seal", "the granted secrets exceed the reply size limit")
@@ -460,7 +557,7 @@ class Provisioner:
 
     def get_secret_legacy(self, key: str, ctx: str, *, peer: str = "") -> str:
         """The cczoo protocol: one name, PEM certificate, value as text; replayable by design."""
-        rec = _AuditRecord("legacy_get_secret", peer, [key])
+        rec = _AuditRecord("legacy_get_secret", peer, [key], metrics=self.metrics)
         try:
             if not self.legacy:
                 raise Refusal(
@@ -481,7 +578,7 @@ class Provisioner:
             rec.identity(identity)
             grant = decide(self.policy, identity, [key], now)
             rec.app_id = grant.app.id
-            value = fetch(grant)[key]
+            value = fetch(grant, self.metrics)[key]
             try:
                 text = value.decode("utf-8")
             except UnicodeDecodeError:
@@ -510,6 +607,7 @@ class _AuditRecord:
     mr_signer: str | None = None
     tcb_status: str | None = None
     start: float = field(default_factory=time.monotonic)
+    metrics: NullMetrics | None = None
 
     def __post_init__(self) -> None:
         # Request names are attacker-controlled: bound what reaches the log before they are checked.
@@ -539,6 +637,9 @@ class _AuditRecord:
         }
         if detail:
             line["detail"] = detail
+        if self.metrics is not None:
+            protocol = "asps.v1" if self.event == "get_secrets" else "legacy"
+            self.metrics.decision(protocol, verdict, status, step, time.monotonic() - self.start)
         audit_log.info(json.dumps(line, sort_keys=False), extra={"audit": line})
 
     def granted(self) -> None:
@@ -563,6 +664,8 @@ def _guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(self, request, context):
+        if self.p.replica_id:  # set before abort() so refusals carry it too
+            context.set_trailing_metadata(((REPLICA_METADATA, self.p.replica_id),))
         try:
             return fn(self, request, context)
         except Refusal as r:
@@ -601,6 +704,348 @@ class LegacyServicer(secretmanager_pb2_grpc.SecretMangerServicer):
         return secretmanager_pb2.SecretReply(value=value)
 
 
+# --- metrics and health -------------------------------------------------------------------------------
+
+
+class NullMetrics:
+    """Metrics off (no --metrics-port): every hook does nothing; prometheus_client is never imported,
+    so a server without metrics needs nothing beyond requirements.txt's core."""
+
+    port: int | None = None
+
+    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float) -> None:
+        """One attestation decision (mirrors the audit line)."""
+
+    def kms(self, result: str, seconds: float) -> None:
+        """One KMS fetch for a grant: ok / unavailable / denied / not_found / error."""
+
+    def policy_reload(self, ok: bool) -> None:
+        """One SIGHUP reload attempt."""
+
+    def watch(
+        self, provisioner: Provisioner, collateral: CollateralWatch | None, monitor: HealthMonitor
+    ) -> None:
+        """Numbers read at scrape time from the objects that own them."""
+
+    def close(self) -> None:
+        """Stop serving /metrics."""
+
+
+def _kms_result(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, kms.KmsUnavailable):
+        return "unavailable"
+    if isinstance(exc, kms.KmsDenied):
+        return "denied"
+    if isinstance(exc, kms.KmsNotFound):
+        return "not_found"
+    return "error"
+
+
+# Bounded label values: steps are names in this file, codes gRPC status names; never measurements or
+# reasons (free text), so the number of series stays fixed whatever clients send.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics(NullMetrics):
+    """Prometheus metrics on a registry of their own (several servers can share a process), served
+    as the text format over plain HTTP on host:port (127.0.0.1 unless told otherwise: the numbers
+    are operational, not secret, but there is no reason to show them to the world)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        reg = self.registry
+        prom.ProcessCollector(registry=reg)  # process_resident_memory_bytes, cpu seconds, open fds
+        self.attestations = prom.Counter(
+            "asps_attestations",
+            "Attestation decisions by result, gRPC status and the step that refused (none if granted)",
+            ["protocol", "result", "code", "step"],
+            registry=reg,
+        )
+        self.latency = prom.Histogram(
+            "asps_get_secrets_duration_seconds",
+            "Time to decide one GetSecrets call (token check to sealed reply), by result",
+            ["result"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.kms_requests = prom.Counter(
+            "asps_kms_requests", "KMS fetches (one per granted request) by result", ["result"], registry=reg
+        )
+        self.kms_latency = prom.Histogram(
+            "asps_kms_request_duration_seconds",
+            "Time of one KMS fetch",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.reloads = prom.Counter(
+            "asps_policy_reloads", "Policy reloads (SIGHUP) by result", ["result"], registry=reg
+        )
+        try:
+            self._http, self._thread = prom.start_http_server(port, addr=host, registry=reg)
+        except OSError as e:
+            raise StartupError(f"--metrics-port {port} on {host}: {e.strerror or e}") from None
+        self.port = self._http.server_address[1]
+
+    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float) -> None:
+        self.attestations.labels(protocol, verdict, status, step or "none").inc()
+        if protocol == "asps.v1":
+            self.latency.labels(verdict).observe(seconds)
+
+    def kms(self, result: str, seconds: float) -> None:
+        self.kms_requests.labels(result).inc()
+        self.kms_latency.observe(seconds)
+
+    def policy_reload(self, ok: bool) -> None:
+        self.reloads.labels("ok" if ok else "failed").inc()
+
+    def watch(
+        self, provisioner: Provisioner, collateral: CollateralWatch | None, monitor: HealthMonitor
+    ) -> None:
+        self.registry.register(_StateCollector(provisioner, collateral, monitor))
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+
+
+class _StateCollector:
+    def __init__(
+        self, provisioner: Provisioner, collateral: CollateralWatch | None, monitor: HealthMonitor
+    ) -> None:
+        self.p, self.c, self.m = provisioner, collateral, monitor
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "asps_serving",
+            "1 when grpc.health.v1 says SERVING, 0 when NOT_SERVING",
+            value=int(self.m.serving),
+        )
+        yield GaugeMetricFamily(
+            "asps_policy_apps", "Apps in the policy in force", value=len(self.p.policy.apps)
+        )
+        yield GaugeMetricFamily(
+            "asps_outstanding_tokens",
+            "Redeemed challenges remembered until they expire",
+            value=len(self.p.tokens),
+        )
+        cache = getattr(self.p, "evidence", None)
+        if cache is not None and hasattr(cache, "hits"):
+            yield CounterMetricFamily(
+                "asps_evidence_cache_hits", "Evidence whose verification was remembered", value=cache.hits
+            )
+            yield CounterMetricFamily(
+                "asps_evidence_cache_misses", "Evidence verified in full", value=cache.misses
+            )
+        if self.c is None:
+            return
+        s = self.c.snapshot()
+        yield CounterMetricFamily(
+            "asps_collateral_cache_hits", "Collateral lookups answered from the cache", value=s.hits
+        )
+        fetches = CounterMetricFamily(
+            "asps_collateral_fetches",
+            "Collateral fetched or re-read from its source, by result",
+            labels=["result"],
+        )
+        for result, n in sorted(s.fetches.items()):
+            fetches.add_metric([result], n)
+        yield fetches
+        if s.http_requests is not None:
+            yield CounterMetricFamily(
+                "asps_pccs_http_requests", "HTTP requests made to the PCCS", value=s.http_requests
+            )
+        if s.earliest_expiry is not None:
+            yield GaugeMetricFamily(
+                "asps_collateral_expiry_timestamp_seconds",
+                "Earliest nextUpdate of the collateral in use (unix time): refresh it before then",
+                value=s.earliest_expiry,
+            )
+
+
+@dataclass(frozen=True)
+class CollateralState:
+    hits: int
+    fetches: dict[str, int]
+    http_requests: int | None
+    earliest_expiry: int | None
+
+
+class CollateralWatch:
+    """Stands between the Verifier and its collateral source: tells a cache hit from a fetch (a new
+    object from the source), remembers each platform's collateral expiry, and says whether collateral
+    can be used: not when the source is unreachable, a file cannot be read, or collateral in use is
+    past its nextUpdate. `probe` retries what failed, so health recovers without a request."""
+
+    MAX_KEYS = 256
+
+    def __init__(self, source: Any, *, clock: Callable[[], float] = time.time) -> None:
+        self.source = source
+        self._clock = clock
+        # a file is one bundle for every platform; a PCCS has one per (FMSPC, CA type)
+        self._per_platform = not isinstance(source, dcap.FileCollateralSource)
+        self._lock = threading.Lock()
+        self._last: dict[tuple[bytes, str], Any] = {}
+        self._expiry: dict[tuple[bytes, str], int] = {}
+        self._failing: dict[tuple[bytes, str], str] = {}
+        self._hits = 0
+        self._fetches = {"ok": 0, "unavailable": 0, "invalid": 0}
+        self.on_change: Callable[[], None] | None = None
+
+    def get(self, fmspc: bytes, ca: str, now: int | None = None) -> dcap.Collateral:
+        return self._lookup(self._key(fmspc, ca), now, count=True)
+
+    def _key(self, fmspc: bytes, ca: str) -> tuple[bytes, str]:
+        return (bytes(fmspc), str(ca)) if self._per_platform else (b"", "")
+
+    def _lookup(self, key: tuple[bytes, str], now: int | None, *, count: bool) -> dcap.Collateral:
+        try:
+            coll = self.source.get(key[0], key[1], now)
+        except dcap.DcapError as e:
+            unavailable = isinstance(e, dcap.CollateralUnavailable)
+            with self._lock:
+                self._fetches["unavailable" if unavailable else "invalid"] += 1
+                # An unknown FMSPC (PCCS 404) is that platform's problem, not the service's.
+                serious = unavailable or not self._per_platform or key in self._last
+                changed = serious and key not in self._failing
+                if serious and (key in self._failing or len(self._failing) < self.MAX_KEYS):
+                    self._failing[key] = str(e)[:300]
+            if changed:
+                self._changed()
+            raise
+        with self._lock:
+            fresh = self._last.get(key) is not coll
+        expiry = None
+        if fresh:
+            try:
+                expiry = dcap.collateral_next_update(coll)
+            except dcap.DcapError:
+                expiry = None  # the verification itself will say what is wrong with it
+        with self._lock:
+            if fresh:
+                self._fetches["ok"] += 1
+                if key in self._last or len(self._last) < self.MAX_KEYS:
+                    self._last[key] = coll
+                    if expiry is not None:
+                        self._expiry[key] = expiry
+                    else:
+                        self._expiry.pop(key, None)
+            elif count:
+                self._hits += 1
+            changed = self._failing.pop(key, None) is not None
+        if changed:
+            self._changed()
+        return coll
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def probe(self) -> None:
+        """Look up every known platform's collateral again (refetching what expired or failed)."""
+        with self._lock:
+            keys = set(self._last) | set(self._failing)
+        if not self._per_platform:
+            keys = {(b"", "")}
+        now = int(self._clock())
+        for key in keys:
+            with contextlib.suppress(dcap.DcapError):  # recorded by _lookup
+                self._lookup(key, now, count=False)
+
+    def problem(self) -> str | None:
+        """Why collateral cannot be used now, or None."""
+        now = int(self._clock())
+        with self._lock:
+            if self._failing:
+                return "collateral source failing: " + next(iter(self._failing.values()))
+            expired = [e for e in self._expiry.values() if e < now]
+        if expired:
+            return f"collateral expired {now - min(expired)} s ago (past its nextUpdate) and not refreshed"
+        return None
+
+    def snapshot(self) -> CollateralState:
+        requests = getattr(self.source, "requests", None)
+        with self._lock:
+            return CollateralState(
+                self._hits,
+                dict(self._fetches),
+                requests if isinstance(requests, int) else None,
+                min(self._expiry.values()) if self._expiry else None,
+            )
+
+
+class HealthMonitor:
+    """Keeps grpc.health.v1 in step with whether the service can attest: NOT_SERVING while collateral
+    cannot be used, SERVING again once it can. Checked on every change the watch sees and every
+    `interval` seconds (probing the source, so recovery needs no client request)."""
+
+    def __init__(
+        self,
+        servicer: health.HealthServicer,
+        services: Sequence[str],
+        collateral: CollateralWatch | None,
+        interval: float,
+    ) -> None:
+        self.servicer, self.services, self.collateral = servicer, tuple(services), collateral
+        self.interval = interval
+        self.serving = True
+        self.reason: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="asps-health", daemon=True)
+        if collateral is not None:
+            collateral.on_change = self.check
+
+    def start(self) -> None:
+        self.check(probe=True, initial=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check(probe=True)
+            except Exception:  # the monitor must outlive any surprise
+                log.exception("health check failed")
+
+    def check(self, *, probe: bool = False, initial: bool = False) -> None:
+        if self._stop.is_set():
+            return
+        if probe and self.collateral is not None:
+            self.collateral.probe()
+        problem = self.collateral.problem() if self.collateral is not None else None
+        with self._lock:
+            if self._stop.is_set():
+                return
+            serving = problem is None
+            changed = serving != self.serving or initial
+            self.serving, self.reason = serving, problem
+            if not changed:
+                return  # Watch streams hear of changes only
+            if serving and not initial:
+                log.warning("health: SERVING again (collateral usable)")
+            elif not serving:
+                log.error("health: NOT_SERVING: %s", problem)
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in self.services:
+                self.servicer.set(service, status)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
+
+
 # --- configuration and lifecycle ----------------------------------------------------------------------
 
 
@@ -618,8 +1063,14 @@ class ServerConfig:
     legacy_cczoo: bool = False
     reflection: bool = False
     threads: int = 16  # request threads of this process
+    replica_id: str | None = None  # None: hostname:port
     grace: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    metrics_port: int | None = None  # None: no metrics endpoint
+    metrics_host: str = "127.0.0.1"
+    health_interval: float = 10.0  # seconds between collateral probes for grpc.health.v1
+    evidence_cache: int = 4096  # verified evidence remembered (entries); 0: verify every time
+    reuse_port: bool = False  # SO_REUSEPORT: several processes serve one port (--workers)
 
 
 class StartupError(Exception):
@@ -636,6 +1087,8 @@ class ServerHandle:
     config: ServerConfig
     port: int
     _stopped: threading.Event = field(default_factory=threading.Event)
+    monitor: HealthMonitor | None = None
+    metrics: NullMetrics = field(default_factory=NullMetrics)
 
     @property
     def address(self) -> str:
@@ -649,10 +1102,13 @@ class ServerHandle:
             new = policy_mod.load_policy(self.config.policy)
         except Exception as e:  # a broken file must never take the service down
             log.error("policy reload failed, keeping policy sha256 %s: %s", old.digest[:16], e)
+            self.metrics.policy_reload(False)
             return False
         for w in new.warnings:
             log.warning("%s", w)
         self.provisioner.policy = new
+        self.provisioner.evidence.clear()  # entries are bound to the old policy: free them now
+        self.metrics.policy_reload(True)
         log.info("policy reloaded from %s: sha256 %s, %d app(s)", new.source, new.digest[:16], len(new.apps))
         # Requests already holding the old policy may still use its agents for a while.
         closer = threading.Timer(RETIRED_AGENT_GRACE, _close_agents, args=(old,))
@@ -662,9 +1118,12 @@ class ServerHandle:
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within `grace` seconds."""
+        if self.monitor is not None:
+            self.monitor.stop()  # before NOT_SERVING, so that it cannot flip back
         for service in ("", SERVICE_NAME, LEGACY_SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(self.config.grace if grace is None else grace).wait()
+        self.metrics.close()
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -735,7 +1194,14 @@ def build_verifier(config: ServerConfig) -> dcap.Verifier:
         source = dcap.open_collateral_source(config.collateral, pccs_url(config.pccs))
     except dcap.DcapError as e:
         raise StartupError(f"collateral: {e}") from None
-    return dcap.Verifier(source, root_ca=root)
+    if isinstance(source, dcap.PccsCollateralSource):
+        source.timeout = PCCS_FETCH_TIMEOUT
+    return dcap.Verifier(CollateralWatch(source), root_ca=root)
+
+
+# One whole collateral fetch (four requests) ends well inside a client's default 10 s deadline, so a
+# PCCS that hangs is answered UNAVAILABLE (retry) instead of being left to DEADLINE_EXCEEDED.
+PCCS_FETCH_TIMEOUT = 5.0
 
 
 def serve(config: ServerConfig) -> ServerHandle:
@@ -744,6 +1210,8 @@ def serve(config: ServerConfig) -> ServerHandle:
         raise StartupError("--token-ttl must be 1..3600 seconds")
     if config.threads < 1 or config.grace < 0:
         raise StartupError("--threads must be at least 1 and --grace not negative")
+    if not config.health_interval > 0:
+        raise StartupError("--health-interval must be more than 0 seconds")
     if not config.cert or not config.key:
         raise StartupError("TLS is required: give --cert and --key (./run.sh gen-certs makes demo ones)")
     try:
@@ -765,14 +1233,23 @@ def serve(config: ServerConfig) -> ServerHandle:
             "replicas will not accept each other's challenges"
         )
     tokens = TokenBook(keys, ttl=config.token_ttl)
-    provisioner = Provisioner(pol, verifier, tokens, limits=config.limits, legacy=config.legacy_cczoo)
+    if config.evidence_cache < 0:
+        raise StartupError("--evidence-cache must be 0 (off) or more entries")
+    provisioner = Provisioner(
+        pol,
+        verifier,
+        tokens,
+        limits=config.limits,
+        legacy=config.legacy_cczoo,
+        evidence_cache=EvidenceCache(config.evidence_cache),
+    )
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="asps"),
         options=[
             ("grpc.max_receive_message_length", config.limits.request),
             ("grpc.max_send_message_length", config.limits.reply),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
         ],
         maximum_concurrent_rpcs=max(64, config.threads * 16),
     )
@@ -802,25 +1279,37 @@ def serve(config: ServerConfig) -> ServerHandle:
         raise StartupError(f"cannot listen on {config.host}: {e}") from None
     if not port:
         raise StartupError(f"cannot listen on {config.host}")
+    provisioner.replica_id = config.replica_id or f"{socket.gethostname()}:{port}"
+    metrics: NullMetrics = NullMetrics()
+    if config.metrics_port is not None:
+        try:
+            metrics = Metrics(config.metrics_host, config.metrics_port)
+        except StartupError:
+            server.stop(0)
+            raise
+        provisioner.metrics = metrics
+    watch = verifier.source if isinstance(verifier.source, CollateralWatch) else None
+    services = ["", SERVICE_NAME] + ([LEGACY_SERVICE_NAME] if config.legacy_cczoo else [])
+    if not config.legacy_cczoo:
+        health_servicer.set(LEGACY_SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    monitor = HealthMonitor(health_servicer, services, watch, config.health_interval)
+    monitor.start()
+    metrics.watch(provisioner, watch, monitor)
     server.start()
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(
-        LEGACY_SERVICE_NAME,
-        health_pb2.HealthCheckResponse.SERVING
-        if config.legacy_cczoo
-        else health_pb2.HealthCheckResponse.NOT_SERVING,
-    )
+    if metrics.port is not None:
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics.port)
     log.info(
-        "listening on %s (TLS), policy %s sha256 %s with %d app(s), kms %s, token lifetime %d s",
+        "listening on %s (TLS) as replica %s, policy %s sha256 %s with %d app(s), kms %s, "
+        "token lifetime %d s",
         config.host.rsplit(":", 1)[0] + f":{port}",
+        provisioner.replica_id,
         pol.source,
         pol.digest[:16],
         len(pol.apps),
         pol.kms,
         config.token_ttl,
     )
-    return ServerHandle(server, provisioner, health_servicer, config, port)
+    return ServerHandle(server, provisioner, health_servicer, config, port, monitor=monitor, metrics=metrics)
 
 
 # --- logging ------------------------------------------------------------------------------------------
@@ -1062,6 +1551,53 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("ASPS_GRACE", "10"),
         help="seconds in-flight calls get to finish on SIGTERM [ASPS_GRACE] (default %(default)s)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("ASPS_METRICS_PORT") or None,
+        help="serve Prometheus metrics over HTTP on this port [ASPS_METRICS_PORT] (default: none)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=_env("ASPS_METRICS_HOST", "127.0.0.1"),
+        help="address the metrics endpoint listens on [ASPS_METRICS_HOST] (default %(default)s)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=_env("ASPS_HEALTH_INTERVAL", "10"),
+        help="seconds between checks that collateral is usable; grpc.health.v1 answers NOT_SERVING "
+        "while it is not [ASPS_HEALTH_INTERVAL] (default %(default)s)",
+    )
+    p.add_argument(
+        "--replica-id",
+        default=_env("ASPS_REPLICA_ID"),
+        help="this replica's name, sent to clients as 'asps-replica' trailing metadata [ASPS_REPLICA_ID] "
+        "(default HOSTNAME:PORT)",
+    )
+    p.add_argument(
+        "--evidence-cache",
+        type=int,
+        default=_env("ASPS_EVIDENCE_CACHE", "4096"),
+        help="how many verified evidence certificates to remember, so a repeated one skips quote "
+        "verification (token, signature and policy are still checked every time); 0 turns it off "
+        "[ASPS_EVIDENCE_CACHE] (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=_env("ASPS_WORKERS", "1"),
+        help="server processes sharing the port (SO_REUSEPORT), to use more than one core; they share "
+        "the token key (a random one if none is given). A token is single-use per worker "
+        "[ASPS_WORKERS] (default %(default)s)",
+    )
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=_env_flag("ASPS_REUSE_PORT"),
+        help="let other processes listen on the same port (SO_REUSEPORT); --workers sets it "
+        "[ASPS_REUSE_PORT=1]",
+    )
     return p
 
 
@@ -1080,6 +1616,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         reflection=args.reflection,
         threads=args.threads,
         grace=args.grace,
+        replica_id=args.replica_id,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        health_interval=args.health_interval,
+        evidence_cache=args.evidence_cache,
+        reuse_port=args.reuse_port,
     )
 
 
@@ -1094,6 +1636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     setup_logging(args.log_format, args.audit_log)
+    if args.workers > 1:
+        return run_workers(argv, args)
 
     # Handlers first: a SIGHUP or SIGTERM during startup is queued, not fatal.
     events: list[int] = []
@@ -1112,9 +1656,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         return 2
     print(f"Server listening on {handle.address}", flush=True)
+    parent = int(os.environ.get(WORKER_PARENT_ENV) or 0)
     while True:
         wake.wait(1.0)
         wake.clear()
+        if parent and os.getppid() != parent:  # a worker whose supervisor is gone stops too
+            events.append(signal.SIGTERM)
         while events:
             signum = events.pop(0)
             if signum == signal.SIGHUP:
@@ -1126,6 +1673,129 @@ def main(argv: Sequence[str] | None = None) -> int:
                 handle.stop()
                 log.info("stopped")
                 return 0
+
+
+# --- --workers: several processes on one port ----------------------------------------------------------
+
+WORKER_PARENT_ENV = "ASPS_WORKER_PARENT"  # set in each worker: its supervisor's pid
+
+
+def _concrete_host(host: str) -> str:
+    """HOST:PORT with port 0 replaced by a free port, so that every worker binds the same one."""
+    name, _, port = host.rpartition(":")
+    if port != "0":
+        return host
+    family, kind, proto, _, addr = socket.getaddrinfo(name.strip("[]") or None, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.bind(addr)
+        return f"{name}:{s.getsockname()[1]}"
+
+
+def run_workers(argv: Sequence[str], args: argparse.Namespace) -> int:
+    """Supervise --workers N copies of this server, each its own process (its own GIL) and gRPC server
+    bound to the same port with SO_REUSEPORT; the kernel spreads connections over them.
+
+    The workers share the token key: the given one (file or ASPS_TOKEN_KEY), else one made here and
+    handed down in the workers' environment, never on a command line. SIGHUP and SIGTERM/SIGINT are
+    passed on; the supervisor exits once every worker has, 0 if all did. A worker that dies on its
+    own stops the others (exit 1): restarting is the service manager's job. Each worker has its own
+    token book, evidence cache and metrics port (--metrics-port + index)."""
+    events: list[int] = []
+    wake = threading.Event()
+    workers: list[subprocess.Popen[str]] = []
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if signum != signal.SIGHUP and not stopping:
+            stopping.append(signum)
+            for w in workers:  # at once, so that a worker still starting up stops as well
+                if w.poll() is None:
+                    w.send_signal(signal.SIGTERM)
+        events.append(signum)  # SIGHUP waits until every worker is up (before that it would kill it)
+        wake.set()
+
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        keys = load_token_keys(args.token_key_file, os.environ.get("ASPS_TOKEN_KEY"))
+        host = _concrete_host(args.host)
+    except (StartupError, OSError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    env = {**os.environ, WORKER_PARENT_ENV: str(os.getpid())}
+    if not keys:
+        env["ASPS_TOKEN_KEY"] = secrets.token_hex(32)
+        log.info("no token key given: the %d workers share a random one made for this run", args.workers)
+    base_id = args.replica_id or f"{socket.gethostname()}:{host.rpartition(':')[2]}"
+    for i in range(args.workers):
+        extra = ["--host", host, "--workers", "1", "--reuse-port", "--replica-id", f"{base_id}/w{i}"]
+        if args.metrics_port:
+            extra += ["--metrics-port", str(args.metrics_port + i)]
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), *argv, *extra],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    rc = _await_workers(workers)
+    if stopping:
+        log.info("%s during startup: stopping the workers", signal.Signals(stopping[0]).name)
+        _stop_workers(workers, args.grace)
+        return 0
+    if rc:
+        _stop_workers(workers, args.grace)
+        return rc
+    print(f"Server listening on {host} ({args.workers} workers)", flush=True)
+    while True:
+        wake.wait(1.0)
+        wake.clear()
+        while events:
+            signum = events.pop(0)
+            if signum == signal.SIGHUP:
+                for w in workers:
+                    if w.poll() is None:
+                        w.send_signal(signal.SIGHUP)
+                continue
+            log.info("%s: stopping %d workers", signal.Signals(signum).name, len(workers))
+            return 0 if _stop_workers(workers, args.grace, send=False) else 1
+        dead = [w for w in workers if w.poll() is not None]
+        if dead:
+            log.error("worker pid %d exited with %s; stopping the others", dead[0].pid, dead[0].returncode)
+            _stop_workers(workers, args.grace)
+            return 1
+
+
+def _await_workers(workers: list[subprocess.Popen[str]]) -> int:
+    """0 once every worker said it listens; else the exit status of the first that failed."""
+    for w in workers:
+        assert w.stdout is not None
+        for line in w.stdout:
+            if line.startswith("Server listening on"):
+                break
+        else:
+            return w.wait() or 2
+        # keep draining, so that a worker never blocks on a full pipe
+        threading.Thread(target=w.stdout.read, daemon=True).start()
+    return 0
+
+
+def _stop_workers(workers: list[subprocess.Popen[str]], grace: float, *, send: bool = True) -> bool:
+    """SIGTERM to each worker (unless already sent), then wait (drain time + a margin); True if all
+    exited 0."""
+    for w in workers:
+        if send and w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+    ok = True
+    for w in workers:
+        try:
+            ok = w.wait(timeout=grace + 15) == 0 and ok
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+            ok = False
+    return ok
 
 
 if __name__ == "__main__":
