@@ -88,11 +88,20 @@ cmd_gen_certs() {
     "$PY" asps_server.py gen-certs "$CERTS" localhost 127.0.0.1 >&2
 }
 
+# True when ./run.sh should run inside occlum_instance_server|client (ASPS_NATIVE=1 forces a native run).
+occlum_instance() {
+    [ "${ASPS_NATIVE:-0}" != 1 ] && [ -d "$ROOT/occlum_instance_$1" ] && command -v occlum >/dev/null 2>&1
+}
+
 cmd_server() {
-    if [ -d "$ROOT/occlum_instance_server" ] && command -v occlum >/dev/null 2>&1; then
+    if occlum_instance server; then
+        # Occlum.json lets no host variable into the enclave: the ASPS_* ones that matter become flags.
+        local extra=()
+        [ -z "${ASPS_HOST:-}" ] || extra+=(--host "$ASPS_HOST")
+        [ -z "${ASPS_PCCS:-}" ] || extra+=(--pccs "$ASPS_PCCS")
         cd "$ROOT/occlum_instance_server"
         exec occlum run /bin/python3 /bin/asps_server.py --cert /etc/asps/server.crt \
-            --key /etc/asps/server.key --policy /etc/asps/policy_vault.json "$@"
+            --key /etc/asps/server.key --policy /etc/asps/policy_vault.json "${extra[@]}" "$@"
     fi
     ensure_venv requirements.txt
     [ -f "$CERTS/server.crt" ] || cmd_gen_certs
@@ -112,7 +121,8 @@ cmd_client() {
     done
     # like the original client: master_key unless --key says otherwise (--key all: every secret)
     [ "$named" = 1 ] || args+=(--key master_key)
-    if [ -d "$ROOT/occlum_instance_client" ] && command -v occlum >/dev/null 2>&1; then
+    if occlum_instance client; then
+        [ -z "${ASPS_HOST:-}" ] || args=(--host "$ASPS_HOST" "${args[@]}")
         cd "$ROOT/occlum_instance_client"
         exec occlum run /bin/python3 /bin/asps_client.py --ca /etc/asps/ca.crt "${args[@]}"
     fi

@@ -554,3 +554,27 @@ def test_gramine_manifest_needs_every_define(tmp_path: Path) -> None:
     partial = {k: v for k, v in GRAMINE_DEFINES.items() if k != "ca_cert"}
     proc = render_manifest(tmp_path, **partial)
     assert proc.returncode != 0 and "'ca_cert' is undefined" in proc.stderr
+
+
+# ---------------------------------------------------------------- run.sh inside the instances
+
+
+def test_run_sh_runs_server_and_client_inside_the_occlum_instances(tmp_path: Path) -> None:
+    """With the instances built, `./run.sh server|client` go through `occlum run`, host settings as flags."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    shutil.copy2(REPO / "run.sh", work / "run.sh")
+    for side in ("client", "server"):
+        (work / f"occlum_instance_{side}").mkdir()
+    log = tmp_path / "standins.log"
+    env = {**os.environ, "PATH": f"{STANDINS}:{os.environ['PATH']}", "ASPS_STANDIN_LOG": str(log)}
+    env.update(ASPS_HOST="asps.example:50051", ASPS_PCCS="https://pccs.example:8081")
+    for cmd in (["client", "--json"], ["server"]):
+        subprocess.run(["./run.sh", *cmd], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c["cwd"] for c in calls] == [str(work / f"occlum_instance_{s}") for s in ("client", "server")]
+    client, server = (c["argv"] for c in calls)
+    assert client[:5] == ["run", "/bin/python3", "/bin/asps_client.py", "--ca", "/etc/asps/ca.crt"]
+    assert client[5:] == ["--host", "asps.example:50051", "--json", "--key", "master_key"]
+    assert server[:3] == ["run", "/bin/python3", "/bin/asps_server.py"]
+    assert server[-2:] == ["--pccs", "https://pccs.example:8081"]
