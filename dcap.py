@@ -1606,7 +1606,9 @@ class FileCollateralSource:
                 self._collateral = Collateral.from_json(self.path.read_bytes())
                 self._stamp = stamp
         except OSError as exc:
-            raise CollateralError(f"collateral file {self.path}: cannot read ({exc.strerror})") from None
+            # The verifier's own input is missing, not the quote's fault: retryable once the file is back.
+            msg = f"collateral file {self.path}: cannot read ({exc.strerror})"
+            raise CollateralUnavailable(msg) from None
         return self._collateral
 
 

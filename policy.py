@@ -32,6 +32,8 @@ __all__ = ["AmbiguousApp", "AppPolicy", "Policy", "PolicyError", "load_policy", 
 
 # The appraisal keys belong to ratls.ReferenceValues; the others are the policy's own.
 APPRAISAL_KEYS = frozenset(ratls.REFERENCE_VALUE_KEYS)
+# Upper bound on one Vault read (all retries and nodes), unless the policy's own timeout is longer.
+VAULT_DEADLINE = 8.0
 APP_KEYS = frozenset({"_comment", "id", "app_token", "secrets"}) | APPRAISAL_KEYS
 TOP_KEYS = frozenset(
     {
@@ -317,7 +319,12 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
                     "its own read-only token (write_secrets.sh prints one per app)"
                 )
             try:
-                return kms.VaultAgent(nodes, token.strip(), ca_file=ca_file, timeout=float(timeout))
+                # One get() must end before a client's default 10 s deadline, so that a hanging Vault
+                # reaches the enclave as UNAVAILABLE (retryable), not as DEADLINE_EXCEEDED.
+                deadline = max(float(timeout), VAULT_DEADLINE)
+                return kms.VaultAgent(
+                    nodes, token.strip(), ca_file=ca_file, timeout=float(timeout), deadline=deadline
+                )
             except (kms.KmsError, ValueError) as e:  # ValueError: an address urllib cannot split
                 raise PolicyError(f"{app_where}: field 'addr' or 'app_token': {e}") from None
 

@@ -279,7 +279,7 @@ def test_file_source_rereads_changed_file(tmp_path):
     other = case("zkdcap-00906ed5-2025")[1]
     path.write_text(other.to_json() + "\n")
     assert src.get(b"", "processor", 0) == other
-    with pytest.raises(dcap.CollateralError, match="cannot read"):
+    with pytest.raises(dcap.CollateralUnavailable, match="cannot read"):
         dcap.FileCollateralSource(tmp_path / "missing.json").get(b"", "processor", 0)
     assert isinstance(dcap.open_collateral_source(str(path), None), dcap.FileCollateralSource)
     assert isinstance(dcap.open_collateral_source(None, "http://x"), dcap.PccsCollateralSource)

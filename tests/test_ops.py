@@ -224,6 +224,14 @@ def test_health_follows_collateral_file_expiry_and_recovery(env, bao):
         coll.unlink()  # unreadable
         wait_health(handle.port, env.ca, NOT_SERVING)
         assert "failing" in (handle.monitor.reason or "")
+        # the server's own input is missing: retryable for the enclave, not a verdict on its evidence
+        c = Client(f"localhost:{handle.port}", env.ca)
+        try:
+            err = c.refused(c.request(env.evidence(ENCLAVE_1), ["master_key"])[0])
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert "collateral" in err.details()
+        finally:
+            c.close()
         shutil.copy(good, coll)
         wait_health(handle.port, env.ca, SERVING)
         assert value(scrape(handle.metrics.port), "asps_serving") == 1
