@@ -1673,6 +1673,27 @@ def _response_socket(raw: object) -> Any:
     return None
 
 
+class _Failure(NamedTuple):
+    """The last failed fetch for one (FMSPC, CA type).  Its error class is kept: an unknown FMSPC
+    (PCCS 404) stays that platform's CollateralError, never a retryable outage of the service."""
+
+    at: float            # time.monotonic(), for the back-off
+    unix: float          # time.time(), for the message
+    kind: type[DcapError]
+    reason: str
+
+    def error(self, message: str | None = None) -> DcapError:
+        return self.kind(self.reason if message is None else message)
+
+
+class _Flight:
+    """One fetch in progress: callers for the same key wait on `done`, then take `outcome`."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outcome: Collateral | _Failure | None = None
+
+
 class PccsCollateralSource:
     """Collateral from Intel PCS or a PCCS over the v4 API, cached per (FMSPC, CA type) until the
     earliest nextUpdate among the pieces, so a warm verification makes no HTTP request.
@@ -1682,18 +1703,31 @@ class PccsCollateralSource:
 
     `timeout` bounds one whole fetch (the four requests, bodies included), not each socket read: a
     server that trickles its answer cannot hold the caller longer (CollateralUnavailable).  Each
-    answer is capped at `max_response` bytes (CollateralError); a longer one is not read."""
+    answer is capped at `max_response` bytes (CollateralError); a longer one is not read.
+
+    A PCCS that hangs or fails must not cost a fetch per verification (each one holding a server
+    thread for up to `timeout`), hence two guards per key, neither of which ever serves collateral
+    past its nextUpdate:
+    - single flight: while a fetch is in progress, other callers wait for its outcome (at most
+      `timeout` seconds) instead of starting their own;
+    - back-off: for `retry_after` seconds after a fetch failed (CollateralUnavailable or
+      CollateralError), callers get that error again at once, saying when and why, without asking
+      the PCCS (0 disables).  Cached collateral that is still fresh is served meanwhile."""
 
     API = "/sgx/certification/v4"
+    MAX_FAILURES = 1024  # failed keys remembered (FMSPCs come from quotes: bounded)
 
     def __init__(self, base_url: str, *, timeout: float = 10.0, session: object | None = None,
-                 max_response: int = MAX_PCCS_RESPONSE) -> None:
+                 max_response: int = MAX_PCCS_RESPONSE, retry_after: float = 5.0) -> None:
         base = base_url.rstrip("/")
         self.base = base if base.endswith(self.API) else base + self.API
         self.timeout = timeout
         self.max_response = max_response
+        self.retry_after = retry_after
         self._session = session
         self._cache: dict[tuple[bytes, str], tuple[Collateral, int]] = {}
+        self._flights: dict[tuple[bytes, str], _Flight] = {}
+        self._failures: dict[tuple[bytes, str], _Failure] = {}  # oldest first
         self._lock = threading.Lock()
         self.requests = 0   # HTTP requests made (for tests and metrics)
 
@@ -1713,7 +1747,8 @@ class PccsCollateralSource:
         if remaining <= 0:
             raise CollateralUnavailable(f"{what}: no time left to ask {url} (the whole fetch may take "
                                         f"{self.timeout:g} s)")
-        self.requests += 1
+        with self._lock:
+            self.requests += 1
         try:
             # stream: the body is read below, bounded in size and time; identity: what is counted
             # against the bound is what arrives (no decompression bomb)
@@ -1799,17 +1834,86 @@ class PccsCollateralSource:
                           qe_sig)
 
     def get(self, fmspc: bytes, ca: str, now: int | None = None) -> Collateral:
+        """Cached collateral still fresh at `now`; else the outcome of the fetch in progress for this
+        key, the recent failure again (back-off), or a new fetch."""
         now = _now(now)
         key = (bytes(fmspc), ca)
         with self._lock:
             hit = self._cache.get(key)
-        if hit is not None and now <= hit[1]:
-            return hit[0]
-        collateral = self.fetch(bytes(fmspc), ca)
-        expiry = collateral_next_update(collateral)
+            if hit is not None and now <= hit[1]:
+                return hit[0]
+            self._check_back_off(key)
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+                leader = True
+            else:
+                leader = False
+        return self._lead(key, flight) if leader else self._follow(key, flight)
+
+    def _check_back_off(self, key: tuple[bytes, str]) -> None:
+        """Raise the last failure again if it is younger than `retry_after` (caller holds the lock)."""
+        failure = self._failures.get(key)
+        if failure is None:
+            return
+        age = time.monotonic() - failure.at
+        if age < self.retry_after:
+            # the reason first: it is what a client or the health status shows, possibly cut short
+            raise failure.error(
+                f"{failure.reason} ({_key_name(key)}: the last fetch failed {age:.1f} s ago, at "
+                f"{_iso(int(failure.unix))}; not retried for another {self.retry_after - age:.1f} s)")
+
+    def _lead(self, key: tuple[bytes, str], flight: _Flight) -> Collateral:
+        """Fetch for everyone waiting on `flight`; the outcome is recorded (cache or failure) in the
+        same step that ends the flight, so no caller can slip in between and fetch again."""
+        try:
+            collateral = self.fetch(*key)
+            expiry = collateral_next_update(collateral)
+        except BaseException as exc:
+            known = isinstance(exc, CollateralUnavailable | CollateralError)
+            reason = str(exc) if known else f"{_key_name(key)}: fetch failed ({type(exc).__name__})"
+            failure = _Failure(time.monotonic(), time.time(), type(exc) if known else CollateralUnavailable,
+                               reason)
+            with self._lock:
+                if known and self.retry_after > 0:
+                    self._remember_failure(key, failure)
+                del self._flights[key]
+            flight.outcome = failure
+            flight.done.set()
+            raise
         with self._lock:
             self._cache[key] = (collateral, expiry)
+            self._failures.pop(key, None)
+            del self._flights[key]
+        flight.outcome = collateral
+        flight.done.set()
         return collateral
+
+    def _follow(self, key: tuple[bytes, str], flight: _Flight) -> Collateral:
+        """Wait for the fetch in progress, no longer than one fetch of our own would take."""
+        if not flight.done.wait(self.timeout):
+            raise CollateralUnavailable(f"{_key_name(key)}: the fetch in progress did not finish "
+                                        f"within {self.timeout:g} s")
+        if isinstance(flight.outcome, _Failure):
+            raise flight.outcome.error() from None
+        assert flight.outcome is not None
+        return flight.outcome
+
+    def _remember_failure(self, key: tuple[bytes, str], failure: _Failure) -> None:
+        """Record `failure` for `key`, dropping entries past `retry_after` (and the oldest beyond
+        MAX_FAILURES) first (caller holds the lock)."""
+        self._failures.pop(key, None)
+        while self._failures:
+            oldest = next(iter(self._failures))
+            if (len(self._failures) < self.MAX_FAILURES
+                    and failure.at - self._failures[oldest].at < self.retry_after):
+                break
+            del self._failures[oldest]
+        self._failures[key] = failure
+
+
+def _key_name(key: tuple[bytes, str]) -> str:
+    return f"collateral for FMSPC {key[0].hex()}, {key[1]} CA"
 
 
 def collateral_next_update(c: Collateral) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,6 +37,8 @@ class Pccs:
         self.drop_header = False
         self.spaced = False
         self.delay = 0.0  # seconds before each answer (a slow but steady server)
+        self.gate = threading.Event()  # cleared: every request hangs until it is set (or close)
+        self.gate.set()
         pccs = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,14 +47,18 @@ class Pccs:
 
             def do_GET(self):
                 pccs.requests.append(self.path)
+                pccs.gate.wait(30)
                 time.sleep(pccs.delay)
                 status, body, headers = pccs.answer(self.path)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client gave up waiting (a hanging PCCS)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -59,6 +66,7 @@ class Pccs:
         self.thread.start()
 
     def close(self) -> None:
+        self.gate.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -364,6 +372,112 @@ def test_timeout_bounds_the_whole_fetch(zk):
     with pytest.raises(dcap.CollateralUnavailable, match=r"/sgx/certification/v4/(pckcrl|rootcacrl)"):
         dcap.PccsCollateralSource(server.url, timeout=1.0).fetch(fmspc, "processor")
     assert time.monotonic() - start < 1.3
+
+
+# --- single flight and back-off: a PCCS that hangs or fails costs one fetch, not one per caller ------
+
+
+def concurrently(n: int, call) -> list[tuple[float, object]]:
+    """Run `call` in n threads released together; (seconds taken, result or exception) for each."""
+    barrier = threading.Barrier(n)
+    results: list[tuple[float, object]] = [(0.0, None)] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        start = time.monotonic()
+        try:
+            out: object = call()
+        except Exception as exc:  # the test inspects what each caller got
+            out = exc
+        results[i] = (time.monotonic() - start, out)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_hanging_pccs_gets_one_fetch_from_16_concurrent_verifications(zk):
+    """16 threads (the server's pool) verify at once against a PCCS that never answers: one request
+    reaches it, and every caller is answered CollateralUnavailable within the source's timeout.
+    retry_after=0: no back-off, so the count shows the single flight alone."""
+    server, quote, _, exp = zk
+    server.gate.clear()
+    timeout = 2.0
+    source = dcap.PccsCollateralSource(server.url, timeout=timeout, retry_after=0)
+    verifier = dcap.Verifier(source)
+    results = concurrently(16, lambda: verifier.verify(quote, now=exp["now"]))
+    assert all(isinstance(out, dcap.CollateralUnavailable) for _, out in results), results
+    assert max(took for took, _ in results) < timeout + 0.5, results
+    assert len(server.requests) == 1 and source.requests == 1, server.requests
+    # the leader's reason, or (a caller that started a hair after it) its own wait running out
+    reasons = r"unreachable|did not (answer in full|finish) within 2 s"
+    assert all(re.search(reasons, str(out)) for _, out in results), results
+
+
+def test_slow_pccs_serves_16_concurrent_callers_with_one_fetch(zk):
+    server, _quote, coll, exp = zk
+    server.delay = 0.25  # one fetch: ~1 s
+    source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=0)
+    fmspc = bytes.fromhex(exp["fmspc"])
+    results = concurrently(16, lambda: source.get(fmspc, "processor", exp["now"]))
+    assert all(out == coll for _, out in results), results
+    assert len({id(out) for _, out in results}) == 1  # one fetched object, shared
+    assert len(server.requests) == 4 and source.requests == 4
+
+
+def test_failed_fetch_is_not_retried_within_retry_after(zk):
+    """After a failure, callers within retry_after are answered at once with when and why, with no
+    request; after it the source asks again and, the PCCS being back, succeeds."""
+    server, quote, coll, exp = zk
+    fmspc = bytes.fromhex(exp["fmspc"])
+    source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=1.0)
+    server.fail_with = 503
+    with pytest.raises(dcap.CollateralUnavailable, match="HTTP 503"):
+        source.get(fmspc, "processor", exp["now"])
+    failed_at = time.monotonic()
+    assert len(server.requests) == 1
+    server.fail_with = None  # back already, but not asked until retry_after has passed
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(dcap.CollateralUnavailable, match=r"^TCB info: HTTP 503 .* failed [0-9.]+ s ago"):
+            dcap.Verifier(source).verify(quote, now=exp["now"])
+        assert time.monotonic() - start < 0.5
+    assert len(server.requests) == 1 and source.requests == 1
+    time.sleep(max(0.0, failed_at + 1.1 - time.monotonic()))
+    assert dcap.Verifier(source).verify(quote, now=exp["now"]).status == exp["status"]
+    assert len(server.requests) == 5
+    assert source.get(fmspc, "processor", exp["now"]) == coll and len(server.requests) == 5
+
+
+def test_back_off_keeps_the_error_class_and_never_hides_fresh_or_serves_expired(zk):
+    """Garbage (CollateralError) backs off too and stays a CollateralError (an unknown FMSPC is the
+    platform's problem, not an outage); fresh cached collateral is served during a back-off, expired
+    never is; retry_after=0 asks every time."""
+    server, _quote, coll, exp = zk
+    fmspc = bytes.fromhex(exp["fmspc"])
+    source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+    assert source.get(fmspc, "processor", exp["now"]) == coll
+    assert len(server.requests) == 4
+    past = dcap.collateral_next_update(coll) + 1
+    server.garbage = True
+    for _ in range(2):
+        with pytest.raises(dcap.CollateralError, match="TCB info"):
+            source.get(fmspc, "processor", past)
+    assert len(server.requests) == 5  # the second one asked nothing
+    server.garbage = False
+    assert source.get(fmspc, "processor", exp["now"]) == coll  # still fresh at that time: served
+    with pytest.raises(dcap.CollateralError, match="last fetch failed"):
+        source.get(fmspc, "processor", past)  # expired: not served, and still backing off
+    assert len(server.requests) == 5
+    server.fail_with = 500
+    eager = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=0)
+    for _ in range(2):
+        with pytest.raises(dcap.CollateralUnavailable, match="HTTP 500"):
+            eager.get(fmspc, "processor", exp["now"])
+    assert len(server.requests) == 7
 
 
 # --- the warning about a trusted root that is not Intel's: once per tool run -------------------------
