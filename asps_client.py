@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
 import os
 import socket
+import stat
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,10 @@ class ClientError(Exception):
 
 class UsageError(ClientError):
     exit_code = EXIT_USAGE
+
+
+class OutDirError(UsageError):
+    """--out-dir is not private to this user, or a secret cannot be written into it (a local error)."""
 
 
 class Unreachable(ClientError):
@@ -642,17 +648,94 @@ def _printable(value: bytes) -> str:
     return text
 
 
-def _write_out(out_dir: str, secrets: dict[str, bytes]) -> None:
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name, value in secrets.items():
-        if "/" in name or name in (".", "..") or "\0" in name:
+def _open_private_dir(out_dir: str | os.PathLike[str]) -> int:
+    """An fd on OUT_DIR (created mode 0700 when absent) once it is known that only this user can add,
+    replace or remove entries in it; another user who could would swap a secret's file for one they
+    read. Checked on the opened fd, so the directory cannot be changed between check and use."""
+    path = os.fspath(out_dir)
+    euid = os.geteuid()
+    try:
+        try:
+            link = os.lstat(path)
+        except FileNotFoundError:
+            link = None
+        if link is not None and stat.S_ISLNK(link.st_mode) and link.st_uid != euid:
+            raise OutDirError(
+                f"--out-dir {path}: is a symbolic link owned by uid {link.st_uid}, not by this user "
+                f"(uid {euid}); give the directory itself"
+            )
+        created = False
+        if link is None:
+            os.makedirs(path, mode=0o700)  # a concurrent creator makes this fail: nothing is reused
+            created = True
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileExistsError:
+        raise OutDirError(f"--out-dir {path}: appeared while it was being created; run again") from None
+    except OSError as e:
+        raise OutDirError(f"--out-dir {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != euid:
+            raise OutDirError(
+                f"--out-dir {path}: owned by uid {st.st_uid}, not by this user (uid {euid}); "
+                "use a directory only this user can write to"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise OutDirError(
+                f"--out-dir {path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "use a private directory (chmod 700) or a path that does not exist yet"
+            )
+        if created:
+            os.fchmod(fd, 0o700)  # exactly 0700 whatever the umask
+    except OSError as e:
+        os.close(fd)
+        raise OutDirError(f"--out-dir {path}: {e.strerror or e}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_secret_files(out_dir: str | os.PathLike[str], secrets: Mapping[str, bytes]) -> None:
+    """Write each secret to OUT_DIR/<name>, mode 0600, owned by this user (what --out-dir does).
+
+    Each value goes into a new temp file (O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file or a
+    symlink's target), is fsync'ed, then renamed over <name>: a file or symlink someone planted at
+    <name> is replaced, never written through. OutDirError (exit code 2) for an unsafe directory
+    or a write that fails; BadReply for a name that is not a plain file name.
+    """
+    for name in secrets:
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
             raise BadReply(f"secret name {name!r} is not a safe file name")
-        path = d / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(value)
-        os.chmod(path, 0o600)
+    path = os.fspath(out_dir)
+    dfd = _open_private_dir(path)
+    try:
+        for name, value in secrets.items():
+            tmp = f".asps-{os.urandom(8).hex()}.tmp"
+            try:
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dfd,
+                )
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        os.fchmod(f.fileno(), 0o600)  # exactly 0600 whatever the umask
+                        f.write(value)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=dfd)
+                    raise
+            except OSError as e:
+                raise OutDirError(f"--out-dir {path}: cannot write {name!r}: {e.strerror or e}") from None
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -665,6 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"asps_client: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.out_dir:  # refuse an unsafe --out-dir before any secret is asked for
+            os.close(_open_private_dir(args.out_dir))
         evidence = make_evidence(
             args.provider, key_type=args.key_type, fmt=args.evidence_format, **_provider_options(args)
         )
@@ -695,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 retries=args.retries,
             )
         if args.out_dir:
-            _write_out(args.out_dir, result.secrets)
+            write_secret_files(args.out_dir, result.secrets)
             print(f"{len(result.secrets)} secret(s) written to {args.out_dir} for app {result.app_id}")
         elif args.json:
             print(

@@ -162,10 +162,41 @@ def load_policy(path: str | Path) -> Policy:
         world_readable = bool(p.stat().st_mode & 0o004)
     except OSError:
         world_readable = False
-    if world_readable and pol.kms == "vault":
-        extra = f"{p}: readable by every local user but holds Vault tokens; chmod 600 (or 640 for a group)"
+    held = "Vault tokens" if pol.kms == "vault" else "secret values" if _has_inline_values(data) else ""
+    if world_readable and held:
+        extra = f"{p}: readable by every local user but holds {held}; chmod 600 (or 640 for a group)"
         pol = dataclasses.replace(pol, warnings=(*pol.warnings, extra))
     return pol
+
+
+def _has_inline_values(data: Mapping[str, Any]) -> bool:
+    """Whether a (valid) "kms": "none" policy carries secret values itself, not a secrets_file's keys."""
+    if KMS_KINDS.get(data.get("kms")) != "none" or data.get("secrets_file") is not None:
+        return False
+    return any(
+        isinstance(value, str) and value and name != "_comment"
+        for app in data.get("app_list") or ()
+        if isinstance(app, dict) and isinstance(app.get("secrets"), dict)
+        for name, value in app["secrets"].items()
+    )
+
+
+def _shape(value: Any) -> str:
+    """What kind of JSON value was found, never the value: a misplaced secret or token must not
+    reach an error message (the server logs them at startup and on SIGHUP)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string" if value else "an empty string"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def _loads_relaxed(text: str) -> Any:
@@ -212,7 +243,7 @@ def parse_policy(
 
     kind_raw = data.get("kms")
     if not isinstance(kind_raw, str) or kind_raw not in KMS_KINDS:
-        raise PolicyError(f"{where}: field 'kms' must be one of {sorted(KMS_KINDS)}, got {kind_raw!r}")
+        raise PolicyError(f"{where}: field 'kms' must be one of {sorted(KMS_KINDS)}, got {_shape(kind_raw)}")
     kind = KMS_KINDS[kind_raw]
     for k in ("root_key", "unseal_key"):
         if data.get(k):
@@ -278,16 +309,17 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
     """(function (app where, app dict, inline name->value) -> KmsAgent, whether secrets name KMS keys)."""
     if kind == "vault":
         addr = data.get("addr")
-        # One node, or several (a JSON list or a comma-separated string) of one HA cluster.
+        # One node, or several (a JSON list or a comma-separated string) of one HA cluster. No
+        # user:password@ (a credential that error messages further down would quote).
         nodes = addr.split(",") if isinstance(addr, str) else addr
         if (
             not isinstance(nodes, list)
             or not nodes
-            or not all(isinstance(n, str) and re.match(r"^https?://[^\s/]+", n.strip()) for n in nodes)
+            or not all(isinstance(n, str) and re.match(r"^https?://[^\s/@]+(/|$)", n.strip()) for n in nodes)
         ):
             raise PolicyError(
-                f"{where}: field 'addr' must be the Vault URL (http[s]://host:port), or a list of "
-                f"them for an HA cluster, got {addr!r}"
+                f"{where}: field 'addr' must be the Vault URL (http[s]://host:port, no user:password), "
+                f"or a list of them for an HA cluster; got {_shape(addr)}"
             )
         nodes = [n.strip().rstrip("/") for n in nodes]
         method = data.get("auth_method", "token")
@@ -340,6 +372,7 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
         path = base_dir / secrets_file
         try:
             shared = kms.JsonAgent.from_file(str(path))
+            world_readable = bool(path.stat().st_mode & 0o004)
         except kms.KmsError as e:
             raise PolicyError(f"{where}: field 'secrets_file': {e}") from None
         except (ValueError, RecursionError):  # a lone surrogate or absurd nesting in that file
@@ -348,6 +381,12 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
             raise PolicyError(
                 f"{where}: field 'secrets_file': cannot read {path}: {e.strerror or e}"
             ) from None
+
+        if world_readable:
+            warnings.append(
+                f"{where}: field 'secrets_file': {path} is readable by every local user but holds "
+                "secret values; chmod 600 (or 640 for a group)"
+            )
 
         def file_agent(app_where: str, app: Mapping[str, Any], _inline: Mapping[str, str]) -> kms.KmsAgent:
             return shared
@@ -406,8 +445,10 @@ def _parse_app(
             raise PolicyError(f"{aw}: field 'secrets.{name}' must be a string")
         if kind == "vault":
             if not re.fullmatch(r"[^\s#]+(/[^\s#]+)+(#[^\s#]+)?", value):
+                # The value is not quoted: after "kms" was switched to vault it may be an inline secret.
                 raise PolicyError(
-                    f"{aw}: field 'secrets.{name}' must be a KMS path 'mount/path[#field]', got {value!r}"
+                    f"{aw}: field 'secrets.{name}' must be a KMS path 'mount/path[#field]' (the value is "
+                    'not shown: it may be a secret left from "kms": "none")'
                 )
             paths[name] = value
         elif values_are_keys:

@@ -297,6 +297,166 @@ def test_errors_never_echo_tokens_or_inline_values(tmp_path):
     assert "inline-secret-value" not in refused(tmp_path, doc)
 
 
+# A unique marker as an inline secret and as a token: no PolicyError and no warning may quote it,
+# because the server logs both at startup and on every SIGHUP.
+MARKER = "42-cd-4b-MARKERf00d-7e"
+TOKEN = "hvs.TOKENMARKERbeef"
+
+
+def inline_doc() -> dict:
+    return {
+        "kms": "none",
+        "app_list": [
+            {"id": 1, "mr_enclave": ENC1, "secrets": {"master_key": MARKER}},
+            {"id": 2, "mr_enclave": ENC2, "secrets": {"master_key": "occlum/2/image_key"}},
+        ],
+    }
+
+
+def switched_to_vault(**top) -> dict:
+    """The inline-values file with "kms" switched to vault, as an operator migrating would leave it."""
+    doc = inline_doc()
+    doc.update({"kms": "vault", "addr": "http://127.0.0.1:8200", **top})
+    for app in doc["app_list"]:
+        app["app_token"] = TOKEN
+    return doc
+
+
+def migrated(**top) -> dict:
+    """switched_to_vault with paths in place of the values: loading goes on to the tokens."""
+    doc = switched_to_vault(**top)
+    doc["app_list"][0]["secrets"] = {"master_key": "occlum/1/image_key"}
+    return doc
+
+
+def _app1(doc: dict, **fields) -> dict:
+    doc["app_list"][0].update(fields)
+    return doc
+
+
+WRONG_SHAPES = {
+    "kms switched to vault, inline value left": lambda: switched_to_vault(),
+    "inline value with a space": lambda: _app1(switched_to_vault(), secrets={"master_key": MARKER + " x"}),
+    "inline value looking like a path with #s": lambda: _app1(
+        switched_to_vault(), secrets={"master_key": f"a/{MARKER}#b#c"}
+    ),
+    "token pasted into addr": lambda: migrated(addr=TOKEN),
+    "token as addr list item": lambda: migrated(addr=["http://127.0.0.1:8200", TOKEN]),
+    "token as addr password": lambda: migrated(addr=f"http://u:{TOKEN}@127.0.0.1:8200"),
+    "token as addr password, bad port": lambda: migrated(addr=f"http://u:{TOKEN}@h:99999"),
+    "secret pasted into kms": lambda: {**inline_doc(), "kms": MARKER},
+    "secret pasted into timeout": lambda: migrated(timeout=MARKER),
+    "token with a space": lambda: _app1(migrated(), app_token=TOKEN + " x"),
+    "token with a newline": lambda: _app1(migrated(), app_token=TOKEN + "\nX-Injected: 1"),
+    "token as a list": lambda: _app1(migrated(), app_token=[TOKEN]),
+    "inline value as a list": lambda: _app1(inline_doc(), secrets={"master_key": [MARKER]}),
+    "inline value as an object": lambda: _app1(inline_doc(), secrets={"master_key": {"key": MARKER}}),
+    "inline value as a number beside": lambda: _app1(inline_doc(), secrets={"master_key": MARKER, "n": 5}),
+    "secrets wrapper forgotten": lambda: {
+        "kms": "none",
+        "app_list": [{"id": 1, "mr_enclave": ENC1, "master_key": MARKER, "secrets": {"k": "v"}}],
+    },
+    "inline value with a lone surrogate": lambda: _app1(
+        inline_doc(), secrets={"master_key": MARKER + "\ud800"}
+    ),
+    "inline value, app without identity": lambda: {
+        "kms": "none",
+        "app_list": [{"id": 1, "secrets": {"master_key": MARKER}}],
+    },
+    "inline value, bad mr_enclave": lambda: _app1(inline_doc(), mr_enclave="zz"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(WRONG_SHAPES))
+def test_no_policy_error_quotes_an_inline_secret_or_token(tmp_path, shape):
+    doc = WRONG_SHAPES[shape]()
+    msg = refused(tmp_path, doc)
+    assert "MARKER" not in msg, msg
+    assert any(where in msg for where in ("app 1", "app_list[0]", "'kms'", "'addr'", "'timeout'")), msg
+
+
+def test_kms_switched_to_vault_names_app_and_field_only(tmp_path):
+    msg = refused(tmp_path, switched_to_vault())
+    assert "app 1" in msg and "secrets.master_key" in msg and "KMS path" in msg
+    assert MARKER not in msg and TOKEN not in msg
+
+
+def test_duplicate_inline_secret_is_refused_without_its_value(tmp_path):
+    text = json.dumps(inline_doc()).replace(
+        f'"master_key": "{MARKER}"', f'"master_key": "{MARKER}", "master_key": "{MARKER}2"'
+    )
+    msg = refused(tmp_path, text)
+    assert "duplicate key" in msg and "MARKER" not in msg
+
+
+def test_secrets_file_errors_do_not_quote_values(tmp_path):
+    doc = {
+        "kms": "json",
+        "secrets_file": "s.json",
+        "app_list": [{"id": 1, "mr_enclave": ENC1, "secrets": {"k": "a"}}],
+    }
+    for content in ({"a": [MARKER]}, {"a": {"key": [MARKER]}}, {"a": 5, "b": MARKER}):
+        (tmp_path / "s.json").write_text(json.dumps(content))
+        msg = refused(tmp_path, doc)
+        assert "secrets_file" in msg and "MARKER" not in msg, msg
+    (tmp_path / "s.json").write_text(f'{{"a": "{MARKER}", }}')  # trailing comma: not JSON
+    msg = refused(tmp_path, doc)
+    assert "not valid JSON" in msg and "MARKER" not in msg
+
+
+def test_warnings_of_loaded_policies_do_not_quote_values(tmp_path):
+    doc = _app1(inline_doc(), app_token=TOKEN)
+    doc["addr"] = "http://127.0.0.1:8200"
+    doc["root_key"] = TOKEN
+    path = write(tmp_path, doc)
+    path.chmod(0o644)
+    pol = policy.load_policy(path)
+    assert len(pol.warnings) >= 3  # app_token ignored, root_key ignored, world-readable
+    for w in pol.warnings:
+        assert "MARKER" not in w, w
+
+
+# --- world-readable files that hold secrets ------------------------------------------------------
+
+
+def test_world_readable_policy_with_inline_values_is_warned_about(tmp_path):
+    for kind in ("none", "json"):
+        path = write(tmp_path, {**inline_doc(), "kms": kind})
+        path.chmod(0o644)
+        warned = [w for w in policy.load_policy(path).warnings if "chmod 600" in w]
+        assert len(warned) == 1 and "secret values" in warned[0] and str(path) in warned[0]
+        for private in (0o600, 0o640):
+            path.chmod(private)
+            assert not any("chmod 600" in w for w in policy.load_policy(path).warnings)
+
+
+def test_world_readable_policy_without_values_is_not_warned_about(tmp_path):
+    doc = inline_doc()
+    for app in doc["app_list"]:
+        app["secrets"] = {"master_key": "", "_comment": "filled in later"}
+    path = write(tmp_path, doc)
+    path.chmod(0o644)
+    assert not any("chmod 600" in w for w in policy.load_policy(path).warnings)
+
+
+def test_world_readable_secrets_file_is_warned_about(tmp_path):
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps({"app1/master": MARKER}))
+    doc = {
+        "kms": "json",
+        "secrets_file": "secrets.json",
+        "app_list": [{"id": 1, "mr_enclave": ENC1, "secrets": {"master_key": "app1/master"}}],
+    }
+    path = write(tmp_path, doc)
+    path.chmod(0o644)  # holds only key names: no warning for the policy itself
+    secrets.chmod(0o644)
+    warned = [w for w in policy.load_policy(path).warnings if "chmod 600" in w]
+    assert len(warned) == 1 and "secrets_file" in warned[0] and str(secrets) in warned[0]
+    assert "MARKER" not in warned[0]
+    secrets.chmod(0o600)
+    assert not any("chmod 600" in w for w in policy.load_policy(path).warnings)
+
+
 # --- choosing the app -----------------------------------------------------------------------------
 
 

@@ -192,6 +192,49 @@ def test_wrong_token_and_bad_arguments(openbao_kv2: OpenBao, tmp_path: Path) -> 
     assert helped.returncode == 0 and "--policy FILE" in helped.stdout and "VAULT_TOKEN" in helped.stdout
 
 
+# `occlum gen-image-key FILE` stand-in (tests/standins/occlum has no gen-image-key): the Nth call
+# writes the Nth line of keys.txt, with the trailing newline the script must strip, and logs argv.
+OCCLUM_GEN_IMAGE_KEY = """#!/bin/sh
+here=$(dirname "$0")
+echo "$*" >>"$here/calls.log"
+[ "$1" = gen-image-key ] && [ $# -eq 2 ] || { echo "stand-in occlum: only gen-image-key FILE" >&2; exit 2; }
+n=$(( $(wc -l <"$here/calls.log") ))
+sed -n "${n}p" "$here/keys.txt" >"$2"
+echo "stand-in occlum: image key written to $2"
+"""
+
+
+def test_image_key_comes_from_occlum_gen_image_key_when_on_path(openbao_kv2: OpenBao, tmp_path: Path) -> None:
+    keys = {
+        "1": "0f-1e-2d-3c-4b-5a-69-78-87-96-a5-b4-c3-d2-e1-f0",
+        "2": "de-ad-be-ef-00-11-22-33-44-55-66-77-88-99-aa-bb",
+    }
+    standin = tmp_path / "bin"
+    standin.mkdir()
+    (standin / "occlum").write_text(OCCLUM_GEN_IMAGE_KEY)
+    (standin / "occlum").chmod(0o755)
+    (standin / "keys.txt").write_text(f"{keys['1']}\n{keys['2']}\n")
+    path = f"{standin}:{bao_bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+    # --overwrite: the module's server may already hold image keys from another test
+    result = run_script(
+        openbao_kv2, tmp_path, "--overwrite", token=openbao_kv2.root_token, KV_VERSION="2", PATH=path
+    )
+    assert result.returncode == 0, result.stderr
+    assert (standin / "calls.log").is_file(), "occlum on PATH was not used for the image keys"
+    calls = (standin / "calls.log").read_text().splitlines()
+    assert len(calls) == 2 and all(c.startswith("gen-image-key ") for c in calls), calls
+    tokens = printed_tokens(result.stdout)
+    values = read_back_and_check_isolation(openbao_kv2, tokens)
+    for app, key in keys.items():
+        assert values[app]["image_key"] == key.encode(), "the occlum-generated key, newline stripped"
+    everything = result.stdout + result.stderr
+    assert keys["1"] not in everything and keys["2"] not in everything
+    assert "stand-in occlum" not in everything, "occlum's own output is not passed on"
+    for call in calls:  # the key file was in the script's private work dir, deleted afterwards
+        assert not Path(call.split(" ", 1)[1]).exists()
+
+
 def test_shellcheck_clean() -> None:
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is required (apt-get install shellcheck)"
