@@ -3,8 +3,8 @@
 One GetSecrets request goes through these steps, each a plain function below so it can be
 tested without gRPC:
 
-    check_sizes -> check_token -> check_signature -> verify_evidence -> sealing_suite
-        -> decide (policy) -> fetch (KMS) -> seal (HPKE to the evidence key)
+    check_sizes -> check_token -> sealing_suite (key type) -> check_signature -> verify_evidence
+        -> token recorded as used -> decide (policy) -> fetch (KMS) -> seal (HPKE to the evidence key)
 
 Every refusal is a `Refusal` carrying its kind, step and reason; `STATUS_OF` is the single table
 that turns a kind into a gRPC status, and `classify` the single place that turns another module's
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import enum
 import functools
@@ -45,6 +46,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import asps_pb2
@@ -126,6 +128,47 @@ class Refusal(Exception):
         return STATUS_OF[self.kind]
 
 
+# VerificationError checks that fail on the server's own collateral (TCB info, QE identity, CRLs, their
+# signing chains, the trusted root), not on anything the enclave sent: the client cannot fix these,
+# the operator must refresh the collateral, so they are UNAVAILABLE (retry later), not UNAUTHENTICATED.
+_COLLATERAL_PIECES = (
+    "tcb_info",
+    "qe_identity",
+    "root_ca_crl",
+    "pck_crl",
+    "tcb_info_chain",
+    "qe_identity_chain",
+    "pck_crl_chain",
+    "root_ca",
+)
+COLLATERAL_CHECKS: frozenset[str] = frozenset(
+    {f"{piece}_{when}" for piece in _COLLATERAL_PIECES for when in ("expired", "not_yet_valid")}
+    | {
+        "tcb_info_signature",
+        "tcb_info_chain",
+        "qe_identity_signature",
+        "qe_identity_chain",
+        "root_ca_crl",
+        "pck_crl",
+        "pck_crl_chain",
+        "root_ca",
+    }
+)
+
+
+def _collateral_problem(exc: BaseException | None) -> BaseException | None:
+    """The error in `exc`'s chain saying that the server's collateral, not the evidence, is at fault."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, dcap.CollateralError):
+            return exc
+        if isinstance(exc, dcap.VerificationError):
+            return exc if exc.check in COLLATERAL_CHECKS else None
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
 def classify(exc: BaseException, step: str) -> Refusal:
     """Map an exception from dcap/ratls/kms/policy to a Refusal (the only such mapping)."""
     if isinstance(exc, Refusal):
@@ -140,6 +183,11 @@ def classify(exc: BaseException, step: str) -> Refusal:
         return Refusal(Kind.UNAVAILABLE, step, "the KMS failed; retry later", str(exc))
     if _caused_by(exc, dcap.CollateralUnavailable):
         return Refusal(Kind.UNAVAILABLE, step, "collateral source unreachable; retry later", str(exc))
+    problem = _collateral_problem(exc)
+    if problem is not None:
+        return Refusal(
+            Kind.UNAVAILABLE, step, f"the server's collateral is not usable: {problem}; retry later", str(exc)
+        )
     if isinstance(exc, ratls.EvidenceError | dcap.DcapError):
         return Refusal(Kind.UNAUTHENTICATED, step, f"evidence rejected: {exc}")
     if isinstance(exc, policy_mod.AmbiguousApp):
@@ -199,6 +247,12 @@ class TokenBook:
 
     def redeem(self, token: bytes) -> None:
         """Accept the token once; Refusal(UNAUTHENTICATED) for forged, expired or reused tokens."""
+        self.record(self.check(token))
+
+    def check(self, token: bytes) -> tuple[bytes, int]:
+        """Authentic (HMAC), fresh and not used yet: the cheap refusals, before any other work.
+        Records nothing (a request that fails later must not fill the replay cache); returns the
+        (nonce, expires_at) to `record` once the caller has proven who it is."""
         step = "token"
         if len(token) != TOKEN_BYTES or token[0] != TOKEN_VERSION:
             raise Refusal(Kind.UNAUTHENTICATED, step, "malformed token; call GetChallenge")
@@ -220,6 +274,19 @@ class TokenBook:
                 raise Refusal(Kind.UNAUTHENTICATED, step, "token already used; call GetChallenge again")
             if len(self._used) >= self._cache_size:
                 raise Refusal(Kind.UNAVAILABLE, step, "too many outstanding challenges; retry shortly")
+        return nonce, expires_at
+
+    def record(self, ticket: tuple[bytes, int]) -> None:
+        """Mark the nonce used: insert-if-absent under the lock, so of two requests carrying the same
+        token only one gets past here."""
+        nonce, expires_at = ticket
+        step = "token"
+        with self._lock:
+            self._forget_expired(int(self._clock()))
+            if nonce in self._used:
+                raise Refusal(Kind.UNAUTHENTICATED, step, "token already used; call GetChallenge again")
+            if len(self._used) >= self._cache_size:
+                raise Refusal(Kind.UNAVAILABLE, step, "too many outstanding challenges; retry shortly")
             self._used[nonce] = expires_at
 
     def _forget_expired(self, now: int) -> None:
@@ -234,9 +301,10 @@ class TokenBook:
         return len(self._used)
 
 
-def check_token(tokens: TokenBook, token: bytes) -> None:
-    """The challenge is authentic (HMAC), fresh, and used for the first time on this replica."""
-    tokens.redeem(token)
+def check_token(tokens: TokenBook, token: bytes) -> tuple[bytes, int]:
+    """The challenge is authentic (HMAC), fresh, and not used yet on this replica; the caller records
+    it (`TokenBook.record`) only once the request is authenticated."""
+    return tokens.check(token)
 
 
 # --- step: sizes, evidence encoding, signature ---------------------------------------------------------
@@ -279,9 +347,12 @@ def evidence_der(evidence: bytes) -> bytes:
         raise Refusal(Kind.BAD_INPUT, "evidence", "field 'evidence' is not an X.509 certificate") from None
 
 
-def transcript(token: bytes, evidence: bytes, names: Sequence[str]) -> bytes:
-    """The bytes the client signs (evidence in DER)."""
-    out = [TRANSCRIPT_LABEL, struct.pack(">I", len(token)), token, hashlib.sha256(evidence).digest()]
+def transcript(
+    token: bytes, evidence: bytes, names: Sequence[str], *, evidence_digest: bytes | None = None
+) -> bytes:
+    """The bytes the client signs (evidence in DER; or give its SHA-256 as `evidence_digest`)."""
+    digest = hashlib.sha256(evidence).digest() if evidence_digest is None else evidence_digest
+    out = [TRANSCRIPT_LABEL, struct.pack(">I", len(token)), token, digest]
     out.append(struct.pack(">I", len(names)))
     for name in names:
         raw = name.encode("utf-8")
@@ -289,18 +360,29 @@ def transcript(token: bytes, evidence: bytes, names: Sequence[str]) -> bytes:
     return b"".join(out)
 
 
+def evidence_public_key(der: bytes) -> Any:
+    """The certificate's public key, read without checking anything else."""
+    try:
+        return x509.load_der_x509_certificate(der).public_key()
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
+        raise Refusal(Kind.BAD_INPUT, "signature", "evidence public key cannot be read") from None
+
+
 def check_signature(
-    der: bytes, token: bytes, names: Sequence[str], signature: bytes, public_key: Any = None
+    der: bytes,
+    token: bytes,
+    names: Sequence[str],
+    signature: bytes,
+    public_key: Any = None,
+    *,
+    der_digest: bytes | None = None,
 ) -> Any:
     """Proof that the caller holds the evidence key now; returns that public key (read from `der`
-    unless the evidence cache already knows it)."""
+    unless given). With `der_digest` (the evidence cache keeps no DER) `der` is not read."""
     step = "signature"
     if public_key is None:
-        try:
-            public_key = x509.load_der_x509_certificate(der).public_key()
-        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
-            raise Refusal(Kind.BAD_INPUT, step, "evidence public key cannot be read") from None
-    data = transcript(token, der, names)
+        public_key = evidence_public_key(der)
+    data = transcript(token, der, names, evidence_digest=der_digest)
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
@@ -333,7 +415,9 @@ class EvidenceCache:
     """Identities of evidence verified before, keyed by SHA-256 of the evidence bytes as sent (the DER
     for DER evidence), so an enclave that asks again skips quote and certificate verification.
 
-    Only what `verify_evidence` proved is kept (the Identity); the token, the signature by the
+    Only what `verify_evidence` proved is kept (the Identity, without the certificate: the SHA-256
+    of its DER is all the signature check needs), and only once the policy accepted it, so that
+    refused evidence cannot fill the cache; the token, the signature by the
     evidence key, the appraisal (with its time checks) and the policy decision run on every request.
     An entry is used only until min(collateral expiry, certificate notAfter), only under the policy
     object it was stored under (a reload makes every entry stale), and, with a collateral file, only
@@ -342,22 +426,23 @@ class EvidenceCache:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._entries: OrderedDict[bytes, tuple[ratls.Identity, int, Any, Any]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[ratls.Identity, bytes, int, Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, digest: bytes, now: int, policy: Any, verifier: Any) -> ratls.Identity | None:
+    def get(self, digest: bytes, now: int, policy: Any, verifier: Any) -> tuple[ratls.Identity, bytes] | None:
+        """(identity without its DER, SHA-256 of the DER) of evidence verified and accepted before."""
         if self.size <= 0:
             return None
         with self._lock:
             entry = self._entries.get(digest)
             if entry is not None:
-                identity, expires, pol, version = entry
+                identity, der_digest, expires, pol, version = entry
                 if now < expires and pol is policy and version is _collateral_version(verifier):
                     self._entries.move_to_end(digest)
                     self.hits += 1
-                    return identity
+                    return identity, der_digest
                 del self._entries[digest]
             self.misses += 1
             return None
@@ -367,11 +452,14 @@ class EvidenceCache:
         return _collateral_version(verifier) if self.size > 0 else None
 
     def put(self, digest: bytes, identity: ratls.Identity, policy: Any, version: Any) -> None:
+        """Remember evidence the policy accepted (call only after `decide`)."""
         if self.size <= 0:
             return
         expires = min(identity.collateral_expiry, identity.not_after + 1)
+        der_digest = hashlib.sha256(identity.cert_der).digest()
+        slim = dataclasses.replace(identity, cert_der=b"")  # up to 64 KiB that no later check needs
         with self._lock:
-            self._entries[digest] = (identity, expires, policy, version)
+            self._entries[digest] = (slim, der_digest, expires, policy, version)
             self._entries.move_to_end(digest)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
@@ -525,22 +613,31 @@ class Provisioner:
         rec = _AuditRecord("get_secrets", peer, list(names), metrics=self.metrics)
         try:
             check_sizes(evidence, token, names, signature, self.limits)
-            check_token(self.tokens, token)
+            ticket = check_token(self.tokens, token)
             now = int(self._clock())
             policy = self.policy
             digest = hashlib.sha256(evidence).digest()
-            identity = self.evidence.get(digest, now, policy, self.verifier)
-            if identity is None:
+            cached = self.evidence.get(digest, now, policy, self.verifier)
+            version: Any = None
+            if cached is None:
                 der = evidence_der(evidence)
-                public_key = check_signature(der, token, names, signature)
+                public_key = evidence_public_key(der)
+                # Key type first: an RSA key is refused anyway, before any costly RSA operation.
+                suite = sealing_suite(public_key)
+                check_signature(der, token, names, signature, public_key)
                 version = self.evidence.version(self.verifier)
                 identity = verify_evidence(der, self.verifier, now)
-                self.evidence.put(digest, identity, policy, version)
             else:  # verified before; possession of the key is still proven on every request
-                public_key = check_signature(identity.cert_der, token, names, signature, identity.public_key)
+                identity, der_digest = cached
+                public_key = identity.public_key
+                suite = sealing_suite(public_key)
+                check_signature(b"", token, names, signature, public_key, der_digest=der_digest)
+            # Authenticated: only now does the token count as used (garbage cannot fill the cache).
+            self.tokens.record(ticket)
             rec.identity(identity)
-            suite = sealing_suite(public_key)
             grant = decide(policy, identity, names, now)
+            if cached is None:
+                self.evidence.put(digest, identity, policy, version)
             rec.app_id, rec.names = grant.app.id, list(grant.names)
             values = fetch(grant, self.metrics)
             sealed = seal(suite, public_key, values, token)
@@ -659,6 +756,50 @@ def _abort(context: grpc.ServicerContext, r: Refusal) -> None:
     context.abort(r.status, f"{r.step}: {r.reason}")
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the request deserializer hands on for bytes that are not the expected message (e.g. a
+    string field with invalid UTF-8), so that the method answers INVALID_ARGUMENT instead of gRPC
+    logging a traceback and answering INTERNAL."""
+
+    message: str
+
+
+def _decoder(message_cls: Any) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            return _Undecodable(message_cls.DESCRIPTOR.full_name)
+
+    return decode
+
+
+def _add_servicers(server: grpc.Server, provisioner: Provisioner) -> None:
+    """Both services, with request deserializers that never raise (see `_Undecodable`)."""
+    v1 = SecretProvisionServicer(provisioner)
+    legacy = LegacyServicer(provisioner)
+    services = {
+        SERVICE_NAME: {
+            "GetChallenge": (v1.GetChallenge, asps_pb2.ChallengeRequest, asps_pb2.Challenge),
+            "GetSecrets": (v1.GetSecrets, asps_pb2.SecretsRequest, asps_pb2.SecretsReply),
+        },
+        # Always registered so that a disabled legacy call gets a clear reason, not "unknown method".
+        LEGACY_SERVICE_NAME: {
+            "GetSecret": (legacy.GetSecret, secretmanager_pb2.SecretRequest, secretmanager_pb2.SecretReply),
+        },
+    }
+    for service, methods in services.items():
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=_decoder(req), response_serializer=reply.SerializeToString
+            )
+            for name, (fn, req, reply) in methods.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_registered_method_handlers(service, handlers)
+
+
 def _guarded(fn):
     """Refusal -> its status; anything else is a bug: log it (no values) and answer INTERNAL."""
 
@@ -666,6 +807,12 @@ def _guarded(fn):
     def wrapper(self, request, context):
         if self.p.replica_id:  # set before abort() so refusals carry it too
             context.set_trailing_metadata(((REPLICA_METADATA, self.p.replica_id),))
+        if isinstance(request, _Undecodable):
+            log.info("refused %s: request is not a valid %s message", fn.__name__, request.message)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: not a valid {request.message} message (e.g. a string field that is not UTF-8)",
+            )
         try:
             return fn(self, request, context)
         except Refusal as r:
@@ -1199,6 +1346,18 @@ def build_verifier(config: ServerConfig) -> dcap.Verifier:
     return dcap.Verifier(CollateralWatch(source), root_ca=root)
 
 
+def _reflection_module() -> Any:
+    """grpc_reflection.v1alpha.reflection, or a StartupError saying which package to install."""
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError as e:
+        raise StartupError(
+            f"--reflection needs the grpcio-reflection package ({e}); install requirements.txt "
+            "or start without --reflection"
+        ) from None
+    return reflection
+
+
 # One whole collateral fetch (four requests) ends well inside a client's default 10 s deadline, so a
 # PCCS that hangs is answered UNAVAILABLE (retry) instead of being left to DEADLINE_EXCEEDED.
 PCCS_FETCH_TIMEOUT = 5.0
@@ -1212,6 +1371,8 @@ def serve(config: ServerConfig) -> ServerHandle:
         raise StartupError("--threads must be at least 1 and --grace not negative")
     if not config.health_interval > 0:
         raise StartupError("--health-interval must be more than 0 seconds")
+    if config.reflection:
+        _reflection_module()  # fail before anything is started
     if not config.cert or not config.key:
         raise StartupError("TLS is required: give --cert and --key (./run.sh gen-certs makes demo ones)")
     try:
@@ -1253,9 +1414,7 @@ def serve(config: ServerConfig) -> ServerHandle:
         ],
         maximum_concurrent_rpcs=max(64, config.threads * 16),
     )
-    asps_pb2_grpc.add_SecretProvisionServicer_to_server(SecretProvisionServicer(provisioner), server)
-    # Always registered so that a disabled legacy call gets a clear reason instead of "unknown method".
-    secretmanager_pb2_grpc.add_SecretMangerServicer_to_server(LegacyServicer(provisioner), server)
+    _add_servicers(server, provisioner)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [SERVICE_NAME, health.SERVICE_NAME]
@@ -1268,8 +1427,7 @@ def serve(config: ServerConfig) -> ServerHandle:
             LEGACY_SERVICE_NAME,
         )
     if config.reflection:
-        from grpc_reflection.v1alpha import reflection
-
+        reflection = _reflection_module()
         names.append(reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])

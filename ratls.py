@@ -383,7 +383,17 @@ def _check_public_key(cert: x509.Certificate) -> PublicKey:
         raise EvidenceError("certificate", f"unusable public key: {e}") from e
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise EvidenceError("certificate", f"unsupported public key type {type(key).__name__}")
+    if isinstance(key, rsa.RSAPublicKey):
+        # A huge exponent makes every signature check slow: bound it before any RSA operation.
+        e = key.public_numbers().e
+        if e % 2 == 0 or not 3 <= e <= MAX_RSA_EXPONENT:
+            raise EvidenceError(
+                "certificate", f"RSA public exponent must be odd and 3..2**32 (it has {e.bit_length()} bits)"
+            )
     return key
+
+
+MAX_RSA_EXPONENT = 2**32
 
 
 def _check_self_signature(cert: x509.Certificate, key: PublicKey) -> None:

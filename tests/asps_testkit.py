@@ -76,6 +76,27 @@ def assert_no_secret_in(lines: list[str], values: list[bytes | str]) -> None:
     assert lines, "no log lines were captured: the search would prove nothing"
 
 
+@contextlib.contextmanager
+def recorded_vault_tokens(bao: Any, into: list[str] | None = None) -> Iterator[list[str]]:
+    """The root token and every token `bao.create_token` hands out while inside, appended to `into`
+    as they are made: values that no log line may ever show (searched with `assert_no_secret_in`)."""
+    made: list[str] = [] if into is None else into
+    if getattr(bao, "root_token", None):
+        made.append(bao.root_token)
+    original = bao.create_token
+
+    def create_token(*args: Any, **kwargs: Any) -> str:
+        token = original(*args, **kwargs)
+        made.append(token)
+        return token
+
+    bao.create_token = create_token
+    try:
+        yield made
+    finally:
+        del bao.create_token  # the class's method again
+
+
 @dataclass
 class Env:
     """Paths of the per-module fixtures: sim platform, TLS material."""

@@ -22,7 +22,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from asps_testkit import ENCLAVE_1, ENCLAVE_2, Client, make_env, write_policy
+from asps_testkit import (
+    ENCLAVE_1,
+    ENCLAVE_2,
+    Client,
+    assert_no_secret_in,
+    captured_logs,
+    make_env,
+    recorded_vault_tokens,
+    write_policy,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openbao import OpenBao, free_port, openbao_server  # noqa: F401  (fixture)
 
@@ -48,12 +57,29 @@ def env(tmp_path_factory, sim_platform):
     return make_env(tmp_path_factory, sim_platform)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def logs():
+    """Every log line of the in-process servers here, searched for secrets at the end."""
+    with captured_logs() as cap:
+        yield cap
+
+
+# Values no log line may show: the secrets and every Vault token this module uses.
+FORBIDDEN: list[str] = [SECRET]
+
+
 @pytest.fixture(scope="module")
-def bao(openbao_server: OpenBao) -> OpenBao:  # noqa: F811
+def bao(openbao_server: OpenBao, logs):  # noqa: F811
     openbao_server.enable_kv("faults", version=1)
     openbao_server.kv_put("faults/master", {"key": SECRET})
     openbao_server.read_policy("faults-app", "faults/*")
-    return openbao_server
+    with recorded_vault_tokens(openbao_server, into=FORBIDDEN):
+        yield openbao_server
+
+
+def server_log_has_no_secret(server: soak.SoakServer, expected: dict[str, bytes]) -> None:
+    lines = server.log_path.read_text().splitlines()
+    assert_no_secret_in(lines, [*FORBIDDEN, *expected.values()])
 
 
 def vault_doc(addr: str, token: str, timeout: float = 1) -> dict:
@@ -440,6 +466,42 @@ def test_pccs_that_hangs_is_cut_off_unavailable_within_the_deadline(env, bao):
         hang.close()
 
 
+def test_pccs_answer_that_does_not_verify_is_retried_and_health_follows(env, bao):
+    """A PCCS answer whose TCB info signature does not verify (a glitch, a tampering proxy) is not kept
+    until its nextUpdate: the request is UNAVAILABLE, health goes NOT_SERVING and stays so while the
+    PCCS serves that answer (asked again once per back-off, not per request), and once the PCCS is
+    fixed health recovers by itself and requests succeed."""
+    from dataclasses import replace
+
+    good = env.sim.build_collateral()
+    sig = bytearray(good.tcb_info_signature)
+    sig[10] ^= 0x01
+    pccs = Pccs(replace(good, tcb_info_signature=bytes(sig)))
+    policy = policy_file(env.tmp / "pccs-bad.json", vault_doc(bao.addr, bao.create_token(["faults-app"])))
+    handle = asps_server.serve(env.config(policy, collateral=None, pccs=pccs.url, health_interval=0.2))
+    client = Client(f"localhost:{handle.port}", env.ca)
+    try:
+        err = client.refused(client.request(env.evidence(ENCLAVE_1))[0])
+        failed_at = time.monotonic()
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        assert pccs.requests == 4
+        wait_health(handle.port, env.ca, NOT_SERVING)
+        assert "tcb_info_signature" in (handle.monitor.reason or ""), handle.monitor.reason
+        time.sleep(max(0.0, failed_at + 6.5 - time.monotonic()))  # past one back-off (5 s)
+        assert health_of(handle.port, env.ca) == NOT_SERVING
+        assert pccs.requests == 8  # asked again once, the same answer refused again
+        err = client.refused(client.request(env.evidence(ENCLAVE_1))[0])
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and pccs.requests == 8, err.details()
+        pccs.collateral = good
+        wait_health(handle.port, env.ca, SERVING)
+        assert client.get(env.evidence(ENCLAVE_1))[1] == {"master_key": SECRET.encode()}
+        assert pccs.requests == 12
+    finally:
+        client.close()
+        handle.stop(0)
+        pccs.stop()
+
+
 # --- signals (the server as a subprocess) -----------------------------------------------------------
 
 
@@ -496,6 +558,7 @@ def test_sighup_under_load_fails_no_request(proc_env):
     assert len(calls) > 40
     assert [c.code for c in calls] == ["OK"] * len(calls), [c for c in calls if c.code != "OK"][:3]
     assert rc == 0
+    server_log_has_no_secret(server, expected)
 
 
 def test_sigterm_under_load_drains_in_flight_refuses_new_exits_0(proc_env, bao):
@@ -542,3 +605,11 @@ def test_sigterm_under_load_drains_in_flight_refuses_new_exits_0(proc_env, bao):
     assert all(c.code == "OK" for c in calls if c.start < term_at), [c for c in calls if c.code != "OK"][:3]
     refused = [c for c in calls if c.code != "OK"]
     assert refused and all(c.code == "UNAVAILABLE" and c.start > term_at for c in refused), refused
+    server_log_has_no_secret(server, expected)
+
+
+def test_zz_no_secret_or_vault_token_in_any_log_line(logs):
+    """Every line the in-process servers of this module logged (faults included: Vault restarted or
+    hanging, PCCS gone) is free of every secret value and Vault token used here."""
+    assert len(FORBIDDEN) > 1, "no Vault token was recorded: the search would miss them"
+    assert_no_secret_in(logs.lines, FORBIDDEN)

@@ -12,7 +12,17 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from asps_testkit import ENCLAVE_1, ENCLAVE_2, ENCLAVE_UNKNOWN, Client, make_env, write_policy
+from asps_testkit import (
+    ENCLAVE_1,
+    ENCLAVE_2,
+    ENCLAVE_UNKNOWN,
+    Client,
+    assert_no_secret_in,
+    captured_logs,
+    make_env,
+    recorded_vault_tokens,
+    write_policy,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openbao import OpenBao, free_port, openbao_server  # noqa: F401  (fixture)
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,12 +44,24 @@ def env(tmp_path_factory, sim_platform):
     return make_env(tmp_path_factory, sim_platform)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def logs():
+    """Every log line of the in-process servers here, searched for secrets at the end."""
+    with captured_logs() as cap:
+        yield cap
+
+
+# Values no log line may show: the secrets and every Vault token this module uses.
+FORBIDDEN: list[str] = [SECRET_1]
+
+
 @pytest.fixture(scope="module")
-def bao(openbao_server: OpenBao) -> OpenBao:  # noqa: F811
+def bao(openbao_server: OpenBao, logs):  # noqa: F811
     openbao_server.enable_kv("ops", version=1)
     openbao_server.kv_put("ops/one", {"key": SECRET_1})
     openbao_server.read_policy("ops-app", "ops/*")
-    return openbao_server
+    with recorded_vault_tokens(openbao_server, into=FORBIDDEN):
+        yield openbao_server
 
 
 def policy_file(path: Path, doc: dict) -> Path:
@@ -283,3 +305,12 @@ def test_soak_small_zero_errors_and_bounded_rss(env, bao, tmp_path):
     assert value(m, "asps_kms_requests_total", result="ok") == 1500
     assert growth < 0.5, f"server RSS grew {growth:.0%} over 1,100 attestations"
     assert rc == 0
+    lines = server.log_path.read_text().splitlines()
+    assert_no_secret_in(lines, [*FORBIDDEN, *expected.values()])
+
+
+def test_zz_no_secret_or_vault_token_in_any_log_line(logs):
+    """Every line the in-process servers of this module logged (KMS refusals, collateral expiry and
+    recovery included) is free of every secret value and Vault token used here."""
+    assert len(FORBIDDEN) > 1, "no Vault token was recorded: the search would miss them"
+    assert_no_secret_in(logs.lines, FORBIDDEN)

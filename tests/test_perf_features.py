@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import secrets
 import signal
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from asps_testkit import ENCLAVE_1, Client, make_env, new_p256, write_policy
+from asps_testkit import (
+    ENCLAVE_1,
+    Client,
+    assert_no_secret_in,
+    captured_logs,
+    make_env,
+    new_p256,
+    write_policy,
+)
 from openbao import free_port
 
 import asps_client
@@ -38,6 +47,13 @@ def doc(value: str) -> dict:
         "kms": "none",
         "app_list": [{"id": "app1", "mr_enclave": ENCLAVE_1.hex(), "secrets": {"master_key": value}}],
     }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def logs():
+    """Every log line of the in-process servers here, searched for secrets at the end."""
+    with captured_logs() as cap:
+        yield cap
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +157,15 @@ def test_entries_expire_at_collateral_expiry_or_certificate_not_after(env, ev1):
     now = int(time.time())
     early = dataclasses.replace(identity, collateral_expiry=now + 100, not_after=now + 1000)
     cache.put(b"a" * 32, early, pol, cache.version(verifier))
-    assert cache.get(b"a" * 32, now + 99, pol, verifier) is early
+    # what is kept: the identity without the certificate DER, and the DER's SHA-256
+    entry = cache.get(b"a" * 32, now + 99, pol, verifier)
+    assert entry == (dataclasses.replace(early, cert_der=b""), hashlib.sha256(ev1.cert_der).digest())
     assert cache.get(b"a" * 32, now + 100, pol, verifier) is None
     assert cache.get(b"a" * 32, now, pol, verifier) is None  # the expired entry was dropped
 
     short = dataclasses.replace(identity, collateral_expiry=now + 1000, not_after=now + 50)
     cache.put(b"b" * 32, short, pol, cache.version(verifier))
-    assert cache.get(b"b" * 32, now + 50, pol, verifier) is short
+    assert cache.get(b"b" * 32, now + 50, pol, verifier)[0] == dataclasses.replace(short, cert_der=b"")
     assert cache.get(b"b" * 32, now + 51, pol, verifier) is None
 
     # another policy object: miss; bounded: the least recently used entry goes first
@@ -157,7 +175,7 @@ def test_entries_expire_at_collateral_expiry_or_certificate_not_after(env, ev1):
         cache.put(bytes([i]) * 32, early, pol, cache.version(verifier))
     assert len(cache) == 4
     assert cache.get(bytes([0]) * 32, now, pol, verifier) is None
-    assert cache.get(bytes([5]) * 32, now, pol, verifier) is early
+    assert cache.get(bytes([5]) * 32, now, pol, verifier) is not None
 
     off = asps_server.EvidenceCache(0)
     off.put(b"a" * 32, early, pol, None)
@@ -270,6 +288,8 @@ def test_two_workers_serve_one_port_share_the_token_key_and_stop_on_sigterm(env,
         # no token key on any command line
         for pid in (sup.proc.pid, *workers):
             assert "TOKEN_KEY" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+        (token_key,) = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"ASPS_TOKEN_KEY=")]
 
         # new connections until both workers have answered (the kernel spreads connections)
         for _ in range(60):
@@ -307,6 +327,7 @@ def test_two_workers_serve_one_port_share_the_token_key_and_stop_on_sigterm(env,
         assert sup.proc.wait(timeout=40) == 0
         assert not any(_alive(pid) for pid in workers)
         assert any("stopping 2 workers" in ln for ln in sup.err)
+        assert_no_secret_in(sup.err + sup.out, [V1, V2, token_key])
     finally:
         for c in clients.values():
             c.close()
@@ -372,3 +393,9 @@ def test_sigterm_while_workers_start_stops_them_all(env, tmp_path):
     assert sup.proc.wait(timeout=40) == 0
     assert not sup.out  # it never claimed to listen
     assert _processes_mentioning(host) == []
+
+
+def test_zz_no_secret_in_any_log_line(logs):
+    """Every line the in-process servers of this module logged (cache hits, misses, refusals after a
+    reload) is free of every secret value used here."""
+    assert_no_secret_in(logs.lines, [V1, V2])
