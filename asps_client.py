@@ -58,7 +58,7 @@ EXIT_CODES_HELP = """\
 exit codes:
   0  secrets received
   1  unexpected error (a bug)
-  2  usage error or unreadable local file
+  2  usage error, or a local file that cannot be read or written safely (--ca, --out-dir)
   3  server unreachable, TLS handshake failed (wrong --ca?) or deadline exceeded
   4  refused by the server (evidence, signature, challenge or policy); the reason is printed
   5  a requested secret is not granted to this enclave
