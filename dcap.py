@@ -1373,6 +1373,43 @@ def _collateral_verified(c: Collateral, root: _Cert, caches: _Caches) -> _Verifi
     return out
 
 
+def _source_collateral_verified(source: Any, fmspc: bytes, ca: str, root: _Cert, caches: _Caches,
+                                now: int) -> _VerifiedCollateral:
+    """Collateral from `source`, verified.  When the collateral itself is at fault (a signature, chain or
+    CRL that does not verify, a malformed piece, a piece past its date) the source is told to drop it,
+    so one bad answer (a PCCS glitch, a tampering proxy) is not served until its unverified nextUpdate;
+    the error is then CollateralUnavailable (retryable), caused by the VerificationError that names the
+    check.  A piece not yet valid is not dropped: that passes with time (a clock behind the PCCS's)."""
+    collateral = source.get(fmspc, ca, now)
+    if not isinstance(collateral, Collateral):
+        raise CollateralError(f"collateral source returned {type(collateral).__name__}, not a Collateral")
+    try:
+        vc = _collateral_verified(collateral, root, caches)
+        _check_validity(vc.validity, vc.window, now)
+    except (VerificationError, CollateralError) as exc:
+        if isinstance(exc, VerificationError) and exc.check.endswith("_not_yet_valid"):
+            raise
+        if not _discard(source, fmspc, ca, collateral, str(exc)):
+            raise   # the source keeps serving it (a file): its own error, unchanged
+        raise CollateralUnavailable(f"{exc} ({_key_name((fmspc, ca))} from the collateral source is "
+                                    "unusable: dropped, to be fetched again)") from exc
+    return vc
+
+
+def _discard(source: Any, fmspc: bytes, ca: str, collateral: Collateral, reason: str) -> bool:
+    """Ask the source that handed out `collateral` to forget it; True if it will not serve it again.
+    A wrapper source without `discard` (one that only watches lookups, exposing what it wraps as
+    `.source`, like functools' __wrapped__) is looked through."""
+    for _ in range(8):
+        discard = getattr(source, "discard", None)
+        if callable(discard):
+            return bool(discard(fmspc, ca, collateral, reason))
+        source = getattr(source, "source", None)
+        if source is None:
+            break
+    return False
+
+
 def _pck_verified(quote: Quote, root: _Cert, caches: _Caches) -> _VerifiedPck:
     cd = quote.signature.certification_data
     key = (cd.data, cd.type, root.der)
@@ -1462,14 +1499,13 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
         raise VerificationError("qe_vendor_id", f"QE vendor ID {header.qe_vendor_id.hex()} is not Intel's")
     # PCK certificate chain from the quote, up to the trusted root; its SGX extension
     pck = _pck_verified(quote, root, caches)
-    if collateral is None:
-        collateral = source.get(pck.ext.fmspc, pck.ca, now)  # type: ignore[attr-defined]
-        if not isinstance(collateral, Collateral):
-            raise CollateralError(f"collateral source returned {type(collateral).__name__}, not a Collateral")
-    # collateral: root CA CRL, PCK CRL, TCB info, QE identity, each under the trusted root
-    vc = _collateral_verified(collateral, root, caches)  # type: ignore[arg-type]
+    # collateral: root CA CRL, PCK CRL, TCB info, QE identity, each under the trusted root, and the
     # validity of every piece at `now`
-    _check_validity(vc.validity, vc.window, now)
+    if collateral is None:
+        vc = _source_collateral_verified(source, pck.ext.fmspc, pck.ca, root, caches, now)
+    else:
+        vc = _collateral_verified(collateral, root, caches)
+        _check_validity(vc.validity, vc.window, now)
     _check_validity(pck.validity, pck.window, now)
     # revocation: PCK CA by the root CA CRL, PCK certificate by the PCK CRL of its own CA
     if pck.intermediate.serial in vc.root_crl.revoked:
@@ -1550,6 +1586,10 @@ def verify(quote: bytes, collateral: Collateral, *, root_ca: bytes | None = None
 
 
 class CollateralSource(Protocol):
+    """Where a Verifier gets collateral.  A source that caches and refetches also has
+    `discard(fmspc, ca, collateral, reason="") -> bool`: the Verifier calls it when collateral it
+    handed out does not verify, and the source forgets that object (True) or keeps serving it (False)."""
+
     def get(self, fmspc: bytes, ca: str, now: int) -> Collateral: ...
 
 
@@ -1610,6 +1650,10 @@ class FileCollateralSource:
             msg = f"collateral file {self.path}: cannot read ({exc.strerror})"
             raise CollateralUnavailable(msg) from None
         return self._collateral
+
+    def discard(self, fmspc: bytes, ca: str, collateral: Collateral, reason: str = "") -> bool:
+        """Nothing to drop: the file is what the operator gave, re-read as soon as it changes."""
+        return False
 
 
 _TCB_OBJECT_RE = re.compile(r'"(tcbInfo|enclaveIdentity)"\s*:\s*')
@@ -1681,6 +1725,7 @@ class _Failure(NamedTuple):
     unix: float          # time.time(), for the message
     kind: type[DcapError]
     reason: str
+    refused: Collateral | None = None  # an answer that did not verify: the same again is refused too
 
     def error(self, message: str | None = None) -> DcapError:
         return self.kind(self.reason if message is None else message)
@@ -1712,7 +1757,13 @@ class PccsCollateralSource:
       `timeout` seconds) instead of starting their own;
     - back-off: for `retry_after` seconds after a fetch failed (CollateralUnavailable or
       CollateralError), callers get that error again at once, saying when and why, without asking
-      the PCCS (0 disables).  Cached collateral that is still fresh is served meanwhile."""
+      the PCCS (0 disables).  Cached collateral that is still fresh is served meanwhile.
+
+    nextUpdate is read before any signature is checked, so an answer is trusted only once verified:
+    the Verifier `discard`s collateral that does not verify, which counts as a failed fetch (same
+    back-off), and while that failure is remembered the same answer fetched again is refused without
+    being handed out, so health stays down for as long as the PCCS serves it.  An answer already past
+    its nextUpdate is a failed fetch too (CollateralUnavailable), not refetched on every call."""
 
     API = "/sgx/certification/v4"
     MAX_FAILURES = 1024  # failed keys remembered (FMSPCs come from quotes: bounded)
@@ -1849,7 +1900,24 @@ class PccsCollateralSource:
                 leader = True
             else:
                 leader = False
-        return self._lead(key, flight) if leader else self._follow(key, flight)
+        return self._lead(key, flight, now) if leader else self._follow(key, flight)
+
+    def discard(self, fmspc: bytes, ca: str, collateral: Collateral, reason: str = "") -> bool:
+        """`collateral`, handed out by get, did not verify: forget it and back off as after a failed
+        fetch.  Only that very object is dropped (a newer one fetched meanwhile stays).  True: this
+        source will not hand it out again."""
+        key = (bytes(fmspc), ca)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is None or hit[0] is not collateral:
+                return True   # already dropped or replaced
+            del self._cache[key]
+            if self.retry_after > 0:
+                reason = reason or f"{_key_name(key)}: did not verify"
+                self._remember_failure(key, _Failure(time.monotonic(), time.time(), CollateralUnavailable,
+                                                     reason, collateral))
+        _log.warning("%s: discarded, it does not verify (%s)", _key_name(key), reason[:300])
+        return True
 
     def _check_back_off(self, key: tuple[bytes, str]) -> None:
         """Raise the last failure again if it is younger than `retry_after` (caller holds the lock)."""
@@ -1863,17 +1931,26 @@ class PccsCollateralSource:
                 f"{failure.reason} ({_key_name(key)}: the last fetch failed {age:.1f} s ago, at "
                 f"{_iso(int(failure.unix))}; not retried for another {self.retry_after - age:.1f} s)")
 
-    def _lead(self, key: tuple[bytes, str], flight: _Flight) -> Collateral:
+    def _lead(self, key: tuple[bytes, str], flight: _Flight, now: int) -> Collateral:
         """Fetch for everyone waiting on `flight`; the outcome is recorded (cache or failure) in the
         same step that ends the flight, so no caller can slip in between and fetch again."""
+        refused = None
         try:
             collateral = self.fetch(*key)
             expiry = collateral_next_update(collateral)
+            if expiry < now:
+                raise CollateralUnavailable(f"{_key_name(key)}: the PCCS answered with collateral past its "
+                                            f"nextUpdate ({_iso(expiry)}, now {_iso(now)})")
+            with self._lock:
+                prior = self._failures.get(key)
+            if prior is not None and prior.refused == collateral:
+                refused = collateral
+                raise CollateralUnavailable(prior.reason)
         except BaseException as exc:
             known = isinstance(exc, CollateralUnavailable | CollateralError)
             reason = str(exc) if known else f"{_key_name(key)}: fetch failed ({type(exc).__name__})"
             failure = _Failure(time.monotonic(), time.time(), type(exc) if known else CollateralUnavailable,
-                               reason)
+                               reason, refused)
             with self._lock:
                 if known and self.retry_after > 0:
                     self._remember_failure(key, failure)

@@ -3,6 +3,7 @@ collateral the way PCCS does: signed JSON bodies, issuer chains as URL-encoded P
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -156,12 +157,15 @@ def test_next_update_is_honoured(zk):
     assert exp["now"] < expiry
     source.get(fmspc, "processor", expiry)
     assert len(server.requests) == 4
-    source.get(fmspc, "processor", expiry + 1)
+    # past nextUpdate: refetched; the PCCS still answers with the same, now expired, collateral,
+    # which is a failed fetch (retryable), not handed out, and not asked again within retry_after
+    with pytest.raises(dcap.CollateralUnavailable, match="past its nextUpdate"):
+        source.get(fmspc, "processor", expiry + 1)
     assert len(server.requests) == 8
-    # a verification past nextUpdate refetches, and then fails on the (still expired) collateral
-    with pytest.raises(dcap.VerificationError, match="expired"):
-        dcap.Verifier(source).verify(quote, now=expiry + 10)
-    assert len(server.requests) == 12
+    for _ in range(3):
+        with pytest.raises(dcap.CollateralUnavailable, match=r"past its nextUpdate .* failed [0-9.]+ s ago"):
+            dcap.Verifier(source).verify(quote, now=expiry + 10)
+    assert len(server.requests) == 8
 
 
 def test_exact_signed_json_is_cut_out_of_spaced_bodies(zk):
@@ -531,3 +535,126 @@ def test_a_process_that_logs_sees_the_root_warning_once(tmp_path, capsys, caplog
     dcap.Verifier(coll, root_ca=other)
     dcap.Verifier(coll, root_ca=other)
     assert warnings_in(caplog.text) == 1 and warnings_in(capsys.readouterr().err) == 0
+
+
+# --- an answer that does not verify is not kept until its (unverified) nextUpdate ----------------
+
+
+def flip_tcb_signature(c: dcap.Collateral) -> dcap.Collateral:
+    sig = bytearray(c.tcb_info_signature)
+    sig[10] ^= 0x01
+    return dataclasses.replace(c, tcb_info_signature=bytes(sig))
+
+
+def test_a_poisoned_answer_is_dropped_backed_off_and_refetched(sim_platform):
+    """A PCCS answer whose TCB info signature does not verify: the verification fails with the reason,
+    retryable (CollateralUnavailable caused by the VerificationError naming the check); the source
+    drops it and backs off (no request within retry_after); the same answer fetched again is refused
+    without being handed out; once the PCCS is fixed the next fetch verifies."""
+    sim = sim_platform
+    good = sim.collateral()
+    server = Pccs({sim.fmspc.hex(): (flip_tcb_signature(good), "processor")})
+    try:
+        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=1.0)
+        verifier = dcap.Verifier(source, root_ca=sim.root_ca_der)
+        quote = sim.make_quote(bytes(64))
+        with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature: .*dropped") as err:
+            verifier.verify(quote)
+        failed_at = time.monotonic()
+        cause = err.value.__cause__
+        assert isinstance(cause, dcap.VerificationError) and cause.check == "tcb_info_signature"
+        assert len(server.requests) == 4
+        for _ in range(3):  # backing off: the reason at once, no request
+            with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature: .* s ago"):
+                verifier.verify(quote)
+        assert len(server.requests) == 4 and source.requests == 4
+        # after retry_after the PCCS is asked again; it still serves the same bad answer: refused by the
+        # source itself (what keeps the server's health NOT_SERVING), and backed off again
+        time.sleep(max(0.0, failed_at + 1.1 - time.monotonic()))
+        with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature"):
+            source.get(sim.fmspc, "processor", int(time.time()))
+        refetched_at = time.monotonic()
+        assert len(server.requests) == 8
+        with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature: .* failed"):
+            verifier.verify(quote)
+        assert len(server.requests) == 8
+        server.bundles = {sim.fmspc.hex(): (good, "processor")}  # the PCCS is fixed
+        time.sleep(max(0.0, refetched_at + 1.1 - time.monotonic()))
+        assert verifier.verify(quote).status == "UpToDate"
+        assert len(server.requests) == 12
+        assert verifier.verify(quote).status == "UpToDate" and len(server.requests) == 12  # warm again
+    finally:
+        server.close()
+
+
+def test_discard_keeps_a_newer_answer_fetched_meanwhile(sim_platform):
+    """A verification that fails on collateral B while another caller has already refreshed the entry
+    to C (good) must not drop C nor start a back-off."""
+    sim = sim_platform
+    now = int(time.time())
+    bad = flip_tcb_signature(sim.build_collateral(issue=now - 3600, validity=3600 + 60))  # nextUpdate now+60
+    server = Pccs({sim.fmspc.hex(): (bad, "processor")})
+    try:
+        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+        b = source.get(sim.fmspc, "processor", now)
+        server.bundles = {sim.fmspc.hex(): (sim.collateral(), "processor")}
+        c = source.get(sim.fmspc, "processor", now + 120)  # B expired in the cache: refreshed
+        assert c is not b and len(server.requests) == 8
+        assert source.discard(sim.fmspc, "processor", b, "tcb_info_signature: late verdict") is True
+        assert source.get(sim.fmspc, "processor", now + 120) is c and len(server.requests) == 8
+        verifier = dcap.Verifier(source, root_ca=sim.root_ca_der)
+        assert verifier.verify(sim.make_quote(bytes(64)), now=now + 120).status == "UpToDate"
+        assert len(server.requests) == 8  # no back-off started, nothing refetched
+        # the same verdict on the object in use does drop it (and backs off)
+        assert source.discard(sim.fmspc, "processor", c, "tcb_info_signature: test") is True
+        with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature: test"):
+            source.get(sim.fmspc, "processor", now + 120)
+        assert len(server.requests) == 8
+    finally:
+        server.close()
+
+
+class Watching:
+    """A source wrapper like the server's CollateralWatch: only .get and the wrapped .source."""
+
+    def __init__(self, source: object) -> None:
+        self.source = source
+        self.lookups = 0
+
+    def get(self, fmspc: bytes, ca: str, now: int | None = None) -> dcap.Collateral:
+        self.lookups += 1
+        return self.source.get(fmspc, ca, now)
+
+
+def test_a_wrapped_source_is_told_too(sim_platform):
+    sim = sim_platform
+    server = Pccs({sim.fmspc.hex(): (flip_tcb_signature(sim.collateral()), "processor")})
+    try:
+        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+        verifier = dcap.Verifier(Watching(source), root_ca=sim.root_ca_der)
+        quote = sim.make_quote(bytes(64))
+        with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature"):
+            verifier.verify(quote)
+        with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature: .* failed"):
+            source.get(sim.fmspc, "processor", int(time.time()))  # dropped, backing off
+        assert len(server.requests) == 4 and verifier.source.lookups == 1
+    finally:
+        server.close()
+
+
+def test_file_source_is_unaffected(sim_platform, tmp_path):
+    """A file is the operator's: a bad one fails with its VerificationError (no back-off, nothing
+    dropped), and a fixed file is used at once."""
+    sim = sim_platform
+    path = tmp_path / "collateral.json"
+    path.write_text(flip_tcb_signature(sim.collateral()).to_json())
+    source = dcap.FileCollateralSource(path)
+    verifier = dcap.Verifier(source, root_ca=sim.root_ca_der)
+    quote = sim.make_quote(bytes(64))
+    for _ in range(2):
+        with pytest.raises(dcap.VerificationError) as err:
+            verifier.verify(quote)
+        assert err.value.check == "tcb_info_signature"
+    assert source.discard(sim.fmspc, "processor", source.get(), "tcb_info_signature: test") is False
+    path.write_text(sim.collateral().to_json() + "\n")
+    assert verifier.verify(quote).status == "UpToDate"
