@@ -10,8 +10,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import asps_client
 import asps_pb2
@@ -32,6 +36,8 @@ ENCLAVE_1 = sgxsim.DEFAULT_MR_ENCLAVE
 ENCLAVE_2 = hashlib.sha256(b"ASPS test enclave 2").digest()
 ENCLAVE_UNKNOWN = hashlib.sha256(b"ASPS test enclave nobody knows").digest()
 SIGNER = sgxsim.DEFAULT_MR_SIGNER
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class LogCapture(logging.Handler):
@@ -121,6 +127,18 @@ class Env:
         settings.update(kw)
         return asps_server.ServerConfig(**settings)
 
+    def server_env(self, policy_path: Path, port: int, **extra: str) -> dict[str, str]:
+        """The ASPS_* variables that set up a server subprocess the way `config` does in-process."""
+        return {
+            "ASPS_HOST": f"127.0.0.1:{port}",
+            "ASPS_CERT": str(self.certs / "server.crt"),
+            "ASPS_KEY": str(self.certs / "server.key"),
+            "ASPS_POLICY": str(policy_path),
+            "ASPS_COLLATERAL": str(self.sim.directory / "collateral.json"),
+            "ASPS_ROOT_CA": str(self.sim.directory / "root_ca.pem"),
+            **extra,
+        }
+
     def evidence(
         self,
         mr_enclave: bytes = ENCLAVE_1,
@@ -142,6 +160,58 @@ def make_env(tmp_path_factory: pytest.TempPathFactory, sim_platform: sgxsim.SimP
     if not coll.exists():
         coll.write_text(sim_platform.collateral().to_json())
     return Env(tmp, sim_platform, certs)
+
+
+# Module fixtures shared by the service test modules. Each is declared under its pytest name: a module
+# imports ``module_env``, ``module_logs``, ... (silencing F401 on the import, as for openbao_server)
+# and its tests keep asking for ``env`` / ``logs`` / ``ev1`` / ``client``. Where every test of a module
+# must run under the log capture (autouse), that module adds
+# ``pytestmark = pytest.mark.usefixtures("logs")``.
+
+
+@pytest.fixture(scope="module", name="logs")
+def module_logs() -> Iterator[LogCapture]:
+    """Every log line of the module's in-process servers, searched for secrets at the end."""
+    with captured_logs() as cap:
+        yield cap
+
+
+@pytest.fixture(scope="module", name="env")
+def module_env(
+    tmp_path_factory: pytest.TempPathFactory, sim_platform: sgxsim.SimPlatform, logs: LogCapture
+) -> Env:
+    """The module's sim platform and TLS material, made with the log capture already on."""
+    return make_env(tmp_path_factory, sim_platform)
+
+
+@pytest.fixture(scope="module", name="ev1")
+def module_ev1(env: Env) -> asps_client.Evidence:
+    return env.evidence(ENCLAVE_1)
+
+
+@pytest.fixture(scope="module", name="client")
+def module_client(server: asps_server.ServerHandle, env: Env) -> Iterator[Client]:
+    """A client of the module's ``server`` fixture."""
+    c = Client(f"localhost:{server.port}", env.ca)
+    yield c
+    c.close()
+
+
+def health_of(port: int, ca: bytes, service: str = "") -> int:
+    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca)) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def wait_health(port: int, ca: bytes, want: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = health_of(port, ca)
+        if status == want:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"health stayed {status}, wanted {want}")
 
 
 def write_policy(path: Path, doc: dict[str, Any]) -> Path:
@@ -242,3 +312,31 @@ def plain_certificate(key: Any) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+# --- HTTP stand-ins (a PCCS, a Vault) on 127.0.0.1 ---------------------------------------------------
+
+
+def send_reply(handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes) -> None:
+    """Answer the request `handler` is serving: `status`, `headers`, a true Content-Length, `body`."""
+    handler.send_response(status)
+    for k, v in headers.items():
+        handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+class HttpStandIn:
+    """An http.server on a free port of 127.0.0.1 answering with `handler`, each request on a daemon
+    thread; ``url`` reaches it, ``close()`` stops it."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

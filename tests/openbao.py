@@ -63,6 +63,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -106,6 +107,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class SilentListener:
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers a byte: a hung Vault
+    node, a wedged KMS, a black-holing proxy. ``addr`` is its ``http://`` URL; ``held`` the accepted
+    connections, kept open until ``close()``. Usable as a context manager."""
+
+    def __init__(self, backlog: int = 16) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.addr = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+    def __enter__(self) -> SilentListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

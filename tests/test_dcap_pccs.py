@@ -3,6 +3,7 @@ collateral the way PCCS does: signed JSON bodies, issuer chains as URL-encoded P
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from asps_testkit import HttpStandIn, send_reply
+from openbao import free_port
 
 import dcap
 
@@ -51,15 +54,8 @@ class Pccs:
                 pccs.gate.wait(30)
                 time.sleep(pccs.delay)
                 status, body, headers = pccs.answer(self.path)
-                try:
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:
-                    pass  # the client gave up waiting (a hanging PCCS)
+                with contextlib.suppress(OSError):  # the client gave up waiting (a hanging PCCS)
+                    send_reply(self, status, headers, body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -218,12 +214,6 @@ def test_garbage_is_a_collateral_error(zk):
         dcap.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_down_is_unavailable_quickly(zk):
     _, quote, _, exp = zk
     source = dcap.PccsCollateralSource(f"http://127.0.0.1:{free_port()}", timeout=2)
@@ -302,7 +292,7 @@ def test_file_source_rereads_changed_file(tmp_path):
 # --- bounds: size of one answer, time of one whole fetch --------------------------------------------
 
 
-class Streamer:
+class Streamer(HttpStandIn):
     """Answers every request with 200, `headers` and `chunk` repeated `repeat` times, with no
     Content-Length (HTTP/1.0: the body ends when the connection closes); counts the bytes it managed
     to hand to the socket."""
@@ -327,14 +317,7 @@ class Streamer:
                 except OSError:
                     pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def test_oversized_answer_without_length_is_refused_while_reading():

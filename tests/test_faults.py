@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -22,18 +21,22 @@ from pathlib import Path
 
 import grpc
 import pytest
-from asps_testkit import (
+from asps_testkit import (  # noqa: F401  (fixtures: env, logs)
     ENCLAVE_1,
     ENCLAVE_2,
+    NOT_SERVING,
+    SERVING,
     Client,
     assert_no_secret_in,
-    captured_logs,
-    make_env,
+    health_of,
+    module_env,
+    module_logs,
     recorded_vault_tokens,
+    send_reply,
+    wait_health,
     write_policy,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from openbao import OpenBao, free_port, openbao_server  # noqa: F401  (fixture)
+from openbao import OpenBao, SilentListener, free_port, openbao_server  # noqa: F401  (fixture)
 
 import asps_client
 import asps_pb2
@@ -47,21 +50,10 @@ import soak  # noqa: E402
 
 DEADLINE = 10.0  # every caller's deadline; each call must end (with its answer) well within it
 SECRET = "faults-" + secrets.token_hex(12)
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_WAIT = 15.0  # how long health may take to follow the PCCS here (wait_health's timeout)
 API = "/sgx/certification/v4"
 
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, sim_platform):
-    return make_env(tmp_path_factory, sim_platform)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def logs():
-    """Every log line of the in-process servers here, searched for secrets at the end."""
-    with captured_logs() as cap:
-        yield cap
+pytestmark = pytest.mark.usefixtures("logs")  # every test runs under the log capture
 
 
 # Values no log line may show: the secrets and every Vault token this module uses.
@@ -180,22 +172,6 @@ def attest(stub, ev: asps_client.Evidence, expected: dict[str, bytes] | None = N
     return ("OK" if got == expected else "BAD_REPLY"), ""
 
 
-def health_of(port: int, ca: bytes) -> int:
-    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca)) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
-
-
-def wait_health(port: int, ca: bytes, want: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        status = health_of(port, ca)
-        if status == want:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"health stayed {status}, wanted {want}")
-
-
 def within_deadline(calls: list[Call]) -> None:
     slow = [c for c in calls if c.end - c.start > DEADLINE * 0.8]
     assert not slow, f"calls near or past their deadline: {slow[:3]}"
@@ -240,37 +216,11 @@ def test_vault_restarted_under_load(env, bao):
     assert all("retry later" in c.details for c in outage)
 
 
-class HangingListener:
-    """Accepts TCP connections and never answers a byte (a wedged Vault, a black-holing proxy)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.addr = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.held:
-            c.close()
-
-
 def test_hanging_vault_is_cut_off_by_the_timeout(env, bao):
     """A KMS that accepts and never answers: the agent's timeout (1 s per try in the policy) ends each
     request with UNAVAILABLE inside the caller's deadline, the server keeps answering meanwhile, and a
     reload to a working Vault recovers it."""
-    hang = HangingListener()
+    hang = SilentListener(backlog=64)  # a wedged Vault, a black-holing proxy
     token = bao.create_token(["faults-app"])
     policy = policy_file(env.tmp / "hang.json", vault_doc(hang.addr, token, timeout=1))
     handle = asps_server.serve(env.config(policy))
@@ -334,12 +284,7 @@ class Pccs:
             def do_GET(self):
                 pccs.requests += 1
                 status, body, headers = pccs.answer(self.path)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_reply(self, status, headers, body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -404,13 +349,13 @@ def test_pccs_down_with_warm_cache_verifies_until_next_update(env, bao):
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
         assert "collateral source unreachable" in err.details()
         assert time.monotonic() - t0 < DEADLINE * 0.8
-        wait_health(handle.port, env.ca, NOT_SERVING)
+        wait_health(handle.port, env.ca, NOT_SERVING, HEALTH_WAIT)
         assert "unreachable" in (handle.monitor.reason or "") or "expired" in (handle.monitor.reason or "")
         m = soak.scrape(handle.metrics.port)
         assert m["asps_serving{}"] == 0 and m["asps_collateral_fetches_total{result=unavailable}"] >= 1
         pccs.collateral = env.sim.build_collateral()
         pccs.start()
-        wait_health(handle.port, env.ca, SERVING)
+        wait_health(handle.port, env.ca, SERVING, HEALTH_WAIT)
         assert client.get(ev)[1] == {"master_key": SECRET.encode()}
         m = soak.scrape(handle.metrics.port)
         assert (
@@ -436,7 +381,7 @@ def test_pccs_unreachable_cold_is_unavailable_with_reason_never_a_hang(env, bao)
         assert {c.code for c in calls} == {"UNAVAILABLE"}
         reason = "evidence: collateral source unreachable; retry later"
         assert all(c.details == reason for c in calls), calls[0]
-        wait_health(handle.port, env.ca, NOT_SERVING)
+        wait_health(handle.port, env.ca, NOT_SERVING, HEALTH_WAIT)
         assert "unreachable" in (handle.monitor.reason or ""), handle.monitor.reason
         c = Client(f"localhost:{handle.port}", env.ca)
         try:
@@ -448,7 +393,7 @@ def test_pccs_unreachable_cold_is_unavailable_with_reason_never_a_hang(env, bao)
 
 
 def test_pccs_that_hangs_is_cut_off_unavailable_within_the_deadline(env, bao):
-    hang = HangingListener()
+    hang = SilentListener(backlog=64)
     policy = policy_file(env.tmp / "pccs-hang.json", vault_doc(bao.addr, bao.create_token(["faults-app"])))
     handle = asps_server.serve(env.config(policy, collateral=None, pccs=hang.addr))
     try:
@@ -485,7 +430,7 @@ def test_pccs_answer_that_does_not_verify_is_retried_and_health_follows(env, bao
         failed_at = time.monotonic()
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
         assert pccs.requests == 4
-        wait_health(handle.port, env.ca, NOT_SERVING)
+        wait_health(handle.port, env.ca, NOT_SERVING, HEALTH_WAIT)
         assert "tcb_info_signature" in (handle.monitor.reason or ""), handle.monitor.reason
         time.sleep(max(0.0, failed_at + 6.5 - time.monotonic()))  # past one back-off (5 s)
         assert health_of(handle.port, env.ca) == NOT_SERVING
@@ -493,7 +438,7 @@ def test_pccs_answer_that_does_not_verify_is_retried_and_health_follows(env, bao
         err = client.refused(client.request(env.evidence(ENCLAVE_1))[0])
         assert err.code() == grpc.StatusCode.UNAVAILABLE and pccs.requests == 8, err.details()
         pccs.collateral = good
-        wait_health(handle.port, env.ca, SERVING)
+        wait_health(handle.port, env.ca, SERVING, HEALTH_WAIT)
         assert client.get(env.evidence(ENCLAVE_1))[1] == {"master_key": SECRET.encode()}
         assert pccs.requests == 12
     finally:

@@ -28,18 +28,18 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 import traceback
 import urllib.parse
 from collections.abc import Callable
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
+from asps_testkit import HttpStandIn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -772,7 +772,7 @@ class Answer:
     repeat: int = 1  # body sent this many times (huge bodies without the memory)
 
 
-class HostilePccs:
+class HostilePccs(HttpStandIn):
     """A PCCS on 127.0.0.1 that answers each route as told; counts bytes it managed to send."""
 
     def __init__(self) -> None:
@@ -808,14 +808,7 @@ class HostilePccs:
                     pass
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def genuine_answers(c: dcap.Collateral) -> dict[str, Answer]:

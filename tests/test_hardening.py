@@ -18,13 +18,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from asps_testkit import (
+from asps_testkit import (  # noqa: F401  (fixtures: client, env, ev1, logs)
     ENCLAVE_1,
     ENCLAVE_UNKNOWN,
     Client,
     assert_no_secret_in,
-    captured_logs,
-    make_env,
+    module_client,
+    module_env,
+    module_ev1,
+    module_logs,
     new_p256,
     plain_certificate,
     write_policy,
@@ -46,6 +48,8 @@ V1 = "hardening-" + secrets.token_hex(12)
 BIG = "big-" + secrets.token_hex(8) + "x" * 40_000
 TOKEN_KEY = b"hardening token key, 32 bytes!!!"
 
+pytestmark = pytest.mark.usefixtures("logs")  # every test runs under the log capture
+
 
 def doc() -> dict:
     return {
@@ -54,22 +58,6 @@ def doc() -> dict:
             {"id": "app1", "mr_enclave": ENCLAVE_1.hex(), "secrets": {"master_key": V1, "big": BIG}},
         ],
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def logs():
-    with captured_logs() as cap:
-        yield cap
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, sim_platform):
-    return make_env(tmp_path_factory, sim_platform)
-
-
-@pytest.fixture(scope="module")
-def ev1(env):
-    return env.evidence(ENCLAVE_1)
 
 
 @pytest.fixture(scope="module")
@@ -345,13 +333,6 @@ def server(env):
     handle = asps_server.serve(env.config(policy, token_keys=(TOKEN_KEY,), limits=limits))
     yield handle
     handle.stop(0)
-
-
-@pytest.fixture(scope="module")
-def client(server, env):
-    c = Client(f"localhost:{server.port}", env.ca)
-    yield c
-    c.close()
 
 
 def _field(num: int, data: bytes) -> bytes:

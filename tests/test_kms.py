@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import requests
-from openbao import OpenBao, openbao_server  # noqa: F401  (openbao_server is a fixture)
+from asps_testkit import HttpStandIn, send_reply
+from openbao import OpenBao, SilentListener, openbao_server  # noqa: F401  (openbao_server is a fixture)
 
 import kms
 from kms import (
@@ -259,31 +258,8 @@ def test_sealed_server_is_unavailable_and_retried(running: OpenBao, tokens: dict
 @pytest.fixture
 def silent_server() -> Iterator[str]:
     """A TCP listener that accepts connections and never answers (a hung KMS)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-                held.append(conn)
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(2)
-        for conn in held:
-            conn.close()
-        listener.close()
+    with SilentListener() as hung:
+        yield hung.addr
 
 
 def test_hung_server_is_unavailable_by_timeout(silent_server: str) -> None:
@@ -308,21 +284,13 @@ def odd_vault() -> Iterator[tuple[str, dict[str, tuple[int, dict[str, str], byte
 
         def do_GET(self) -> None:
             status, headers, body = answers.get(self.path.split("?")[0], (404, {}, b""))
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_reply(self, status, headers, body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    vault = HttpStandIn(Handler)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", answers
+        yield vault.url, answers
     finally:
-        server.shutdown()
-        server.server_close()
+        vault.close()
 
 
 def test_odd_vault_answers_are_kms_errors(odd_vault: tuple[str, dict]) -> None:

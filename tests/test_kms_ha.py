@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import secrets
-import socket
 import threading
 import time
 import urllib.parse
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from openbao import OpenBaoCluster
+from openbao import OpenBaoCluster, SilentListener
 
 from kms import KmsDenied, KmsNotFound, KmsUnavailable, VaultAgent
 
@@ -242,30 +241,8 @@ def test_active_killed_standby_takes_over_same_agent_keeps_reading(
 @pytest.fixture
 def silent_node() -> Iterator[str]:
     """A listener that accepts and never answers: a hung node."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(2)
-        for conn in held:
-            conn.close()
-        listener.close()
+    with SilentListener() as hung:
+        yield hung.addr
 
 
 def test_all_nodes_down_is_unavailable_within_the_deadline(ha: HA, silent_node: str) -> None:

@@ -12,18 +12,21 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from asps_testkit import (
+from asps_testkit import (  # noqa: F401  (fixtures: env, logs)
     ENCLAVE_1,
     ENCLAVE_2,
     ENCLAVE_UNKNOWN,
+    NOT_SERVING,
+    SERVING,
     Client,
     assert_no_secret_in,
-    captured_logs,
-    make_env,
+    health_of,
+    module_env,
+    module_logs,
     recorded_vault_tokens,
+    wait_health,
     write_policy,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openbao import OpenBao, free_port, openbao_server  # noqa: F401  (fixture)
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,20 +38,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import soak  # noqa: E402
 
 SECRET_1 = "ops-" + secrets.token_hex(12)
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, sim_platform):
-    return make_env(tmp_path_factory, sim_platform)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def logs():
-    """Every log line of the in-process servers here, searched for secrets at the end."""
-    with captured_logs() as cap:
-        yield cap
+pytestmark = pytest.mark.usefixtures("logs")  # every test runs under the log capture
 
 
 # Values no log line may show: the secrets and every Vault token this module uses.
@@ -101,23 +92,6 @@ def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 
 def value(m: dict, name: str, **labels: str) -> float:
     return m.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
-
-
-def health_of(port: int, ca: bytes, service: str = "") -> int:
-    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca)) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-
-def wait_health(port: int, ca: bytes, want: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
-        status = health_of(port, ca)
-        if status == want:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"health stayed {status}, wanted {want}")
 
 
 def test_metrics_scraped_over_http_count_every_decision(env, bao):

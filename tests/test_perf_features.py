@@ -20,12 +20,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from asps_testkit import (
+from asps_testkit import (  # noqa: F401  (fixtures: env, ev1, logs)
     ENCLAVE_1,
     Client,
     assert_no_secret_in,
-    captured_logs,
-    make_env,
+    module_env,
+    module_ev1,
+    module_logs,
     new_p256,
     write_policy,
 )
@@ -41,24 +42,14 @@ V1 = "first-" + secrets.token_hex(12)
 V2 = "second-" + secrets.token_hex(12)
 NAMES = ["master_key"]
 
+pytestmark = pytest.mark.usefixtures("logs")  # every test runs under the log capture
+
 
 def doc(value: str) -> dict:
     return {
         "kms": "none",
         "app_list": [{"id": "app1", "mr_enclave": ENCLAVE_1.hex(), "secrets": {"master_key": value}}],
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def logs():
-    """Every log line of the in-process servers here, searched for secrets at the end."""
-    with captured_logs() as cap:
-        yield cap
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, sim_platform):
-    return make_env(tmp_path_factory, sim_platform)
 
 
 @pytest.fixture
@@ -74,11 +65,6 @@ def served(env, tmp_path):
     finally:
         client.close()
         handle.stop(0)
-
-
-@pytest.fixture(scope="module")
-def ev1(env):
-    return env.evidence(ENCLAVE_1)
 
 
 def test_second_request_is_a_cache_hit_and_token_and_signature_are_still_checked(served, ev1):
@@ -268,17 +254,7 @@ def _replica(client: Client, ev) -> str:
 def test_two_workers_serve_one_port_share_the_token_key_and_stop_on_sigterm(env, ev1, tmp_path):
     policy = write_policy(tmp_path / "policy.json", doc(V1))
     port = free_port()
-    sup = Supervisor(
-        ["--workers", "2", "--grace", "2"],
-        {
-            "ASPS_HOST": f"127.0.0.1:{port}",
-            "ASPS_CERT": str(env.certs / "server.crt"),
-            "ASPS_KEY": str(env.certs / "server.key"),
-            "ASPS_POLICY": str(policy),
-            "ASPS_COLLATERAL": str(env.sim.directory / "collateral.json"),
-            "ASPS_ROOT_CA": str(env.sim.directory / "root_ca.pem"),
-        },
-    )
+    sup = Supervisor(["--workers", "2", "--grace", "2"], env.server_env(policy, port))
     clients: dict[str, Client] = {}
     try:
         sup.wait_for(f"Server listening on 127.0.0.1:{port} (2 workers)", sup.out)

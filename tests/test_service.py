@@ -17,15 +17,16 @@ import time
 
 import grpc
 import pytest
-from asps_testkit import (
+from asps_testkit import (  # noqa: F401  (fixtures: env, ev1, logs)
     ENCLAVE_1,
     ENCLAVE_2,
     ENCLAVE_UNKNOWN,
     Client,
     assert_no_secret_in,
-    captured_logs,
     forged_certificate,
-    make_env,
+    module_env,
+    module_ev1,
+    module_logs,
     new_p256,
     plain_certificate,
     write_policy,
@@ -75,17 +76,6 @@ def policy_doc() -> dict:
 
 
 @pytest.fixture(scope="module")
-def logs():
-    with captured_logs() as cap:
-        yield cap
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, sim_platform, logs):
-    return make_env(tmp_path_factory, sim_platform)
-
-
-@pytest.fixture(scope="module")
 def server(env):
     policy = write_policy(env.tmp / "policy.json", policy_doc())
     handle = asps_server.serve(env.config(policy, token_keys=(TOKEN_KEY,)))
@@ -98,11 +88,6 @@ def client(server, env):
     c = Client(f"127.0.0.1:{server.port}", env.ca)
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def ev1(env):
-    return env.evidence(ENCLAVE_1)
 
 
 @pytest.fixture(scope="module")

@@ -95,16 +95,7 @@ def env(tmp_path_factory, sim_platform):
 
 
 def server_env(env, policy: Path, port: int, **extra: str) -> dict[str, str]:
-    return {
-        "ASPS_HOST": f"127.0.0.1:{port}",
-        "ASPS_CERT": str(env.certs / "server.crt"),
-        "ASPS_KEY": str(env.certs / "server.key"),
-        "ASPS_POLICY": str(policy),
-        "ASPS_COLLATERAL": str(env.sim.directory / "collateral.json"),
-        "ASPS_ROOT_CA": str(env.sim.directory / "root_ca.pem"),
-        "ASPS_TOKEN_KEY": TOKEN_KEY,
-        **extra,
-    }
+    return env.server_env(policy, port, **{"ASPS_TOKEN_KEY": TOKEN_KEY, **extra})
 
 
 def test_sighup_reload_broken_keeps_old_good_applies_and_sigterm_exits_0(env):

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from asps_testkit import (
+from asps_testkit import (  # noqa: F401  (fixtures: client, env, ev1, logs)
     ENCLAVE_1,
     ENCLAVE_2,
     Client,
     assert_no_secret_in,
-    captured_logs,
-    make_env,
+    module_client,
+    module_env,
+    module_ev1,
+    module_logs,
     write_policy,
 )
 from openbao import OpenBao, openbao_server  # noqa: F401  (fixture)
@@ -56,12 +58,6 @@ def kv_put(b: OpenBao, path: str, fields: dict[str, str]) -> None:
             if "Upgrading from non-versioned" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def logs():
-    with captured_logs() as cap:
-        yield cap
 
 
 @pytest.fixture(scope="module")
@@ -110,28 +106,11 @@ def vault_policy(bao: OpenBao, tokens: dict[str, str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, sim_platform, logs):
-    return make_env(tmp_path_factory, sim_platform)
-
-
-@pytest.fixture(scope="module")
 def server(env, bao, tokens):
     policy = write_policy(env.tmp / "policy_vault.json", vault_policy(bao, tokens))
     handle = asps_server.serve(env.config(policy))
     yield handle
     handle.stop(0)
-
-
-@pytest.fixture(scope="module")
-def client(server, env):
-    c = Client(f"localhost:{server.port}", env.ca)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def ev1(env):
-    return env.evidence(ENCLAVE_1)
 
 
 @pytest.fixture(scope="module")
