@@ -1355,8 +1355,6 @@ def _collateral_verified(c: Collateral, root: _Cert, caches: _Caches) -> _Verifi
         certs = _pem_chain(c.pck_crl_issuer_chain, "pck_crl_issuer_chain", CollateralError)
         (pck_ca,) = _verify_chain(certs, root, "pck_crl_chain", (_CN_INTERMEDIATE,))
         caches.chains.put(ckey, pck_ca)
-    if pck_ca.serial in root_crl.revoked:
-        raise VerificationError("intermediate_revoked", f"{pck_ca.cn!r} is revoked by the root CA CRL")
     pkey = ("pck_crl", c.pck_crl, pck_ca.der)
     pck_crl = caches.crls.get(pkey)
     if pck_crl is None:
@@ -1507,10 +1505,12 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
         vc = _collateral_verified(collateral, root, caches)
         _check_validity(vc.validity, vc.window, now)
     _check_validity(pck.validity, pck.window, now)
-    # revocation: PCK CA by the root CA CRL, PCK certificate by the PCK CRL of its own CA
-    if pck.intermediate.serial in vc.root_crl.revoked:
-        raise VerificationError("intermediate_revoked",
-                                f"{pck.intermediate.cn!r} is revoked by the root CA CRL")
+    # revocation: PCK CA by the root CA CRL (the quote's and the PCK CRL issuer chain's: a revoked CA
+    # condemns the platform, it does not make the collateral unusable), PCK certificate by the PCK CRL
+    # of its own CA
+    for ca in (pck.intermediate, vc.pck_crl_ca):
+        if ca.serial in vc.root_crl.revoked:
+            raise VerificationError("intermediate_revoked", f"{ca.cn!r} is revoked by the root CA CRL")
     if (vc.pck_crl.issuer_der != pck.leaf.issuer_der
             or vc.pck_crl.issuer_key_raw != pck.intermediate.public_key_raw):
         raise VerificationError("pck_crl", f"PCK CRL is issued by {vc.pck_crl_ca.cn!r}, the PCK "

@@ -641,3 +641,26 @@ def test_file_source_is_unaffected(sim_platform, tmp_path):
     assert source.discard(sim.fmspc, "processor", source.get(), "tcb_info_signature: test") is False
     path.write_text(sim.collateral().to_json() + "\n")
     assert verifier.verify(quote).status == "UpToDate"
+
+
+def test_a_revoked_pck_ca_condemns_the_platform_not_the_collateral(sim_platform):
+    """Collateral whose root CA CRL revokes the Processor CA is Intel's verdict on every platform under
+    that CA: the quote is refused (intermediate_revoked), and the collateral is kept, not discarded
+    and refetched as if the PCCS had served something broken."""
+    sim = sim_platform
+    now = int(time.time())
+    revoked = sim.build_collateral(issue=now - 60, revoked_ca_serials=[sim.serial("processor_ca")])
+    server = Pccs({sim.fmspc.hex(): (revoked, "processor")})
+    try:
+        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+        verifier = dcap.Verifier(source, root_ca=sim.root_ca_der)
+        quote = sim.make_quote(bytes(64))
+        for _ in range(2):
+            with pytest.raises(dcap.VerificationError) as err:
+                verifier.verify(quote)
+            assert err.value.check == "intermediate_revoked"
+            assert not isinstance(err.value, dcap.CollateralUnavailable)
+        assert len(server.requests) == 4  # one fetch, still cached: nothing was discarded
+        assert source.get(sim.fmspc, "processor", now) is not None
+    finally:
+        server.close()
