@@ -89,14 +89,7 @@ _CCZOO_NAME = x509.Name(
 TCB_UP_TO_DATE = "UpToDate"
 TCB_REVOKED = "Revoked"
 # Statuses a policy may opt in to. Revoked is deliberately absent: it can never be allowed.
-ALLOWABLE_TCB_STATUSES = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-)
+ALLOWABLE_TCB_STATUSES = tuple(s for s in dcap.TCB_STATUSES if s != TCB_REVOKED)
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
