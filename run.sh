@@ -2,7 +2,7 @@
 # ASPS — one entry point for users, developers and CI.
 #   ./run.sh demo            fresh clone -> venv, sim platform, certificates, server, client, secret printed
 #   ./run.sh demo vault      the same with a local OpenBao (the venv's bao) filled by write_secrets.sh
-#   ./run.sh test            venv from the requirements, then pytest and ruff
+#   ./run.sh test            venv from the lock files (hash-checked), then ruff and pytest
 #   ./run.sh server [ARGS]   the server (inside occlum_instance_server when built, else natively)
 #   ./run.sh client [ARGS]   the client (inside occlum_instance_client when built, else natively + sim)
 #   ./run.sh gen-certs       demo CA and a server certificate for localhost into certs/
@@ -12,19 +12,20 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
-# Create or update .venv so that it matches the requirements files (a stamp holds their hash).
+# Create or update .venv so that it matches a lock file (a stamp holds its hash). The locks pin every
+# package with its hashes (made by uv from the requirements*.in ranges; see the README's "Dependencies").
 ensure_venv() {
-    local want="${1:-requirements.txt}"
-    local stamp="$VENV/.asps-requirements"
+    local lock="${1:-requirements.txt}"
+    local stamp="$VENV/.asps-lock"
     local hash
-    hash="$(cat requirements.txt "$want" | sha256sum | cut -d' ' -f1) $want"
+    hash="$(sha256sum "$lock" | cut -d' ' -f1) $lock"
     if [ ! -x "$PY" ]; then
         echo "run.sh: creating $VENV" >&2
         python3 -m venv "$VENV"
     fi
     if [ ! -f "$stamp" ] || ! grep -qxF "$hash" "$stamp"; then
-        echo "run.sh: installing $want into $VENV" >&2
-        "$PY" -m pip install --quiet --disable-pip-version-check -r "$want"
+        echo "run.sh: installing $lock into $VENV" >&2
+        "$PY" -m pip install --quiet --disable-pip-version-check --require-hashes -r "$lock"
         echo "$hash" >>"$stamp"
     fi
 }
@@ -246,7 +247,7 @@ cmd_demo() {
             exit 2
             ;;
     esac
-    ensure_venv requirements.txt
+    if [ "$kind" = vault ]; then ensure_venv requirements-demo.txt; else ensure_venv requirements.txt; fi
     mkdir -p "$DEMO"
     chmod 700 "$DEMO"
     sim_init

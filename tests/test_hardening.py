@@ -431,7 +431,7 @@ def test_reflection_without_the_package_exits_2_with_a_clear_message(env):
 
 
 def test_grpcio_reflection_is_a_runtime_requirement(repo_dir):
-    lines = [ln.split("#")[0].strip() for ln in (repo_dir / "requirements.txt").read_text().splitlines()]
+    lines = [ln.split("#")[0].strip() for ln in (repo_dir / "requirements.in").read_text().splitlines()]
     assert any(ln.startswith("grpcio-reflection") for ln in lines)
 
 
