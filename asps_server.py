@@ -1193,6 +1193,137 @@ class HealthMonitor:
             self._stop.set()
 
 
+# --- the server's own TLS certificate: checked at start, rotated on SIGHUP ------------------------------
+
+TLS_EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+class TlsIdentityError(Exception):
+    """The TLS certificate/key pair cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TlsPair:
+    """A checked certificate chain and its private key, as PEM, with the leaf's validity window."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    subject: str
+    serial: int
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+
+def load_tls_pair(cert_path: str, key_path: str, now: datetime.datetime | None = None) -> TlsPair:
+    """Read and check a certificate chain and key: parseable, the key is the leaf's, valid at `now`.
+
+    gRPC would accept an expired or mismatched pair and fail each handshake later, where only a
+    gRPC log line tells the operator why; checking here turns that into a refusal that says which.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        cert_pem = Path(cert_path).read_bytes()
+    except OSError as e:
+        raise TlsIdentityError(f"TLS certificate {cert_path}: {e.strerror or e}") from None
+    try:
+        key_pem = Path(key_path).read_bytes()
+    except OSError as e:
+        raise TlsIdentityError(f"TLS key {key_path}: {e.strerror or e}") from None
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise TlsIdentityError(f"TLS certificate {cert_path}: not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise TlsIdentityError(f"TLS key {key_path}: encrypted; give an unencrypted PEM key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TlsIdentityError(f"TLS key {key_path}: not a PEM private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise TlsIdentityError(
+            f"TLS key {key_path} does not match the certificate {cert_path} (serial {leaf.serial_number:x}): "
+            "they are not one pair"
+        )
+    pair = TlsPair(
+        cert_pem,
+        key_pem,
+        leaf.subject.rfc4514_string(),
+        leaf.serial_number,
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+    )
+    if now < pair.not_before:
+        raise TlsIdentityError(
+            f"TLS certificate {cert_path} is not yet valid: valid from {pair.not_before.isoformat()} "
+            f"(now {now.isoformat(timespec='seconds')}); check the clock or the certificate"
+        )
+    if now > pair.not_after:
+        raise TlsIdentityError(
+            f"TLS certificate {cert_path} expired on {pair.not_after.isoformat()} "
+            f"(now {now.isoformat(timespec='seconds')}); renew it"
+        )
+    return pair
+
+
+class ServerTlsIdentity:
+    """The server's certificate and key: checked when loaded, served through gRPC's dynamic credentials
+    so that `reload()` (SIGHUP) rotates them for new connections without a restart; connections
+    already open keep the certificate they were made with. A pair that fails the checks is refused at
+    start (TlsIdentityError) and, on reload, logged and ignored: the current pair stays in force."""
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.current = load_tls_pair(cert_path, key_path)
+        self._lock = threading.Lock()
+        self._pending: TlsPair | None = None  # taken by gRPC's fetcher at the next handshake
+        self._warn_if_expiring(self.current)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._configuration(self.current), self._fetch)
+
+    def reload(self) -> bool:
+        """Re-read both files; on any problem keep the pair in force and log why."""
+        try:
+            new = load_tls_pair(self.cert_path, self.key_path)
+        except TlsIdentityError as e:
+            log.error("TLS reload failed, keeping certificate serial %x: %s", self.current.serial, e)
+            return False
+        with self._lock:
+            self.current = new
+            self._pending = new
+        log.info(
+            "TLS certificate reloaded from %s: %s serial %x, valid until %s",
+            self.cert_path,
+            new.subject,
+            new.serial,
+            new.not_after.isoformat(),
+        )
+        self._warn_if_expiring(new)
+        return True
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC before each handshake: a new configuration once after a reload, else None."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return None if pending is None else self._configuration(pending)
+
+    @staticmethod
+    def _configuration(pair: TlsPair) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)])
+
+    def _warn_if_expiring(self, pair: TlsPair) -> None:
+        left = pair.not_after - datetime.datetime.now(datetime.UTC)
+        if left < TLS_EXPIRY_WARNING:
+            log.warning(
+                "TLS certificate %s expires in %.1f days (%s): renew it and send SIGHUP",
+                self.cert_path,
+                left.total_seconds() / 86400,
+                pair.not_after.isoformat(),
+            )
+
+
 # --- configuration and lifecycle ----------------------------------------------------------------------
 
 
@@ -1236,6 +1367,7 @@ class ServerHandle:
     _stopped: threading.Event = field(default_factory=threading.Event)
     monitor: HealthMonitor | None = None
     metrics: NullMetrics = field(default_factory=NullMetrics)
+    tls: ServerTlsIdentity | None = None  # reloaded on SIGHUP with the policy
 
     @property
     def address(self) -> str:
@@ -1376,9 +1508,9 @@ def serve(config: ServerConfig) -> ServerHandle:
     if not config.cert or not config.key:
         raise StartupError("TLS is required: give --cert and --key (./run.sh gen-certs makes demo ones)")
     try:
-        cert_pem, key_pem = Path(config.cert).read_bytes(), Path(config.key).read_bytes()
-    except OSError as e:
-        raise StartupError(f"TLS files: {e.filename}: {e.strerror}") from None
+        tls = ServerTlsIdentity(config.cert, config.key)
+    except TlsIdentityError as e:
+        raise StartupError(str(e)) from None
     try:
         pol = policy_mod.load_policy(config.policy)
     except policy_mod.PolicyError as e:
@@ -1430,7 +1562,7 @@ def serve(config: ServerConfig) -> ServerHandle:
         reflection = _reflection_module()
         names.append(reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    creds = tls.credentials()
     try:
         port = server.add_secure_port(config.host, creds)
     except RuntimeError as e:
@@ -1467,7 +1599,9 @@ def serve(config: ServerConfig) -> ServerHandle:
         pol.kms,
         config.token_ttl,
     )
-    return ServerHandle(server, provisioner, health_servicer, config, port, monitor=monitor, metrics=metrics)
+    return ServerHandle(
+        server, provisioner, health_servicer, config, port, monitor=monitor, metrics=metrics, tls=tls
+    )
 
 
 # --- logging ------------------------------------------------------------------------------------------
@@ -1594,7 +1728,8 @@ Every option can also be set through the environment variable in brackets; optio
 
 EPILOG = """\
 signals:
-  SIGHUP   re-read the policy file; a broken file keeps the current policy (the log says why)
+  SIGHUP   re-read the policy file and the TLS certificate and key; a broken or expired one keeps
+           the one in force (the log says why); new connections get the new certificate
   SIGTERM  stop accepting calls, let in-flight calls finish (--grace seconds), exit 0
 
 examples:
@@ -1627,13 +1762,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on, HOST:PORT [ASPS_HOST] (default %(default)s)",
     )
     p.add_argument(
+        "--tls-cert",
         "--cert",
         "-cert",
+        dest="cert",
         default=_env("ASPS_CERT", "server.crt"),
-        help="TLS certificate chain, PEM [ASPS_CERT]",
+        help="the server's TLS certificate chain, PEM [ASPS_CERT]; --cert is the original's name for it. "
+        "Refused at start when expired, not yet valid or not the key's; a warning when it expires "
+        "within 14 days; SIGHUP re-reads it",
     )
     p.add_argument(
-        "--key", "-key", default=_env("ASPS_KEY", "server.key"), help="TLS private key, PEM [ASPS_KEY]"
+        "--tls-key",
+        "--key",
+        "-key",
+        dest="key",
+        default=_env("ASPS_KEY", "server.key"),
+        help="the server's TLS private key, PEM [ASPS_KEY]; --key is the original's name for it "
+        "(on the client --key names a secret)",
     )
     p.add_argument(
         "-p",
@@ -1824,6 +1969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signum = events.pop(0)
             if signum == signal.SIGHUP:
                 handle.reload_policy()
+                if handle.tls is not None:
+                    handle.tls.reload()
             else:
                 log.info(
                     "%s: draining (up to %.0f s) and stopping", signal.Signals(signum).name, config.grace
