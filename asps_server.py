@@ -14,6 +14,7 @@ exception into a kind. One JSON audit line is written per decision, never with a
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -1652,6 +1653,85 @@ def setup_logging(fmt: str = "text", audit_file: str | None = None, level: int =
         audit_log.addHandler(fh)  # in addition to stderr
 
 
+def wants_json_logs(argv: Sequence[str]) -> bool:
+    """--log-format json (or ASPS_LOG_FORMAT=json), seen before argparse runs, so that even its
+    usage errors come out as JSON lines."""
+    fmt = os.environ.get("ASPS_LOG_FORMAT", "text")
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            fmt = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            fmt = arg.split("=", 1)[1]
+    return fmt == "json"
+
+
+def json_line(message: str, level: int = logging.INFO, logger: str = "asps") -> str:
+    """One line in the JSON log shape, for what is not written through logging (stdout, usage)."""
+    record = logging.makeLogRecord(
+        {"name": logger, "levelno": level, "levelname": logging.getLevelName(level), "msg": message}
+    )
+    return _JsonFormatter().format(record)
+
+
+def announce(message: str, fmt: str) -> None:
+    """A line on stdout that supervisors and scripts wait for ("Server listening on ...")."""
+    print(json_line(message) if fmt == "json" else message, flush=True)
+
+
+def _json_usage_error(parser: argparse.ArgumentParser, message: str) -> None:
+    print(json_line(f"{parser.prog}: {message} (see --help)", logging.ERROR), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+_NATIVE_LEVELS = {"E": logging.ERROR, "W": logging.WARNING, "I": logging.INFO, "F": logging.CRITICAL}
+_native_log = logging.getLogger("asps.stderr")
+
+
+def route_stderr_through_logging() -> None:
+    """JSON log mode: whatever writes to file descriptor 2 without our logging (gRPC's C core and its
+    absl log lines, Python warnings, a last-resort traceback, a worker's stray output) goes through a
+    pipe and comes out as one JSON log line each; lines that already are JSON pass as they are. Our
+    own handler writes to the real stderr (a duplicate of the original descriptor)."""
+    real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_fd, write_fd = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    for h in handlers:
+        if getattr(h, "stream", None) is sys.stderr:
+            h.setStream(real)
+    lock = handlers[0].lock if handlers and handlers[0].lock else threading.RLock()
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for raw in pipe:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if not line:
+                    continue
+                if line.startswith("{"):
+                    with contextlib.suppress(ValueError):
+                        json.loads(line)
+                        with lock:
+                            real.write(line + "\n")
+                        continue
+                level = (
+                    _NATIVE_LEVELS.get(line[:1], logging.WARNING) if line[1:5].isdigit() else logging.WARNING
+                )
+                _native_log.log(level, "%s", line)
+
+    thread = threading.Thread(target=pump, name="stderr-to-json", daemon=True)
+    thread.start()
+
+    def drain() -> None:  # at exit: close our end of the pipe, let the pump write what is left
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+            os.dup2(real.fileno(), 2)
+            thread.join(timeout=2.0)
+
+    atexit.register(drain)
+
+
 # --- demo certificates (./run.sh gen-certs) --------------------------------------------------------------
 
 
@@ -1928,17 +2008,38 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def gen_certs_main(argv: Sequence[str]) -> int:
+    """`asps_server.py gen-certs DIR [HOST...]`: a demo CA and server certificate (never for production)."""
+    p = argparse.ArgumentParser(
+        prog="asps_server.py gen-certs",
+        description="Write a demo CA (ca.crt, ca.key) and a server certificate (server.crt, server.key) "
+        "for HOSTs into DIR. For demos and tests only: use your own PKI in production.",
+    )
+    p.add_argument("dir", metavar="DIR", help="directory to write into (created if absent)")
+    p.add_argument(
+        "hosts",
+        metavar="HOST",
+        nargs="*",
+        default=[],
+        help="names/IPs the certificate is for (default: localhost 127.0.0.1)",
+    )
+    args = p.parse_args(argv)  # an option-like DIR ("--help", "-x") is never taken as a directory name
+    d = generate_demo_certs(args.dir, args.hosts or ("localhost", "127.0.0.1"))
+    print(f"wrote {d}/ca.crt, {d}/server.crt, {d}/server.key (demo CA: {d}/ca.key)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gen-certs"]:
-        if len(argv) < 2:
-            print("usage: asps_server.py gen-certs DIR [HOST...]", file=sys.stderr)
-            return 2
-        d = generate_demo_certs(argv[1], argv[2:] or ("localhost", "127.0.0.1"))
-        print(f"wrote {d}/ca.crt, {d}/server.crt, {d}/server.key (demo CA: {d}/ca.key)")
-        return 0
-    args = build_parser().parse_args(argv)
+        return gen_certs_main(argv[1:])
+    parser = build_parser()
+    if wants_json_logs(argv):
+        parser.error = functools.partial(_json_usage_error, parser)  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
     setup_logging(args.log_format, args.audit_log)
+    if args.log_format == "json":
+        route_stderr_through_logging()
     if args.workers > 1:
         return run_workers(argv, args)
 
@@ -1958,7 +2059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as e:
         log.error("cannot start: %s", e)
         return 2
-    print(f"Server listening on {handle.address}", flush=True)
+    announce(f"Server listening on {handle.address}", args.log_format)
     parent = int(os.environ.get(WORKER_PARENT_ENV) or 0)
     while True:
         wake.wait(1.0)
@@ -2052,7 +2153,7 @@ def run_workers(argv: Sequence[str], args: argparse.Namespace) -> int:
     if rc:
         _stop_workers(workers, args.grace)
         return rc
-    print(f"Server listening on {host} ({args.workers} workers)", flush=True)
+    announce(f"Server listening on {host} ({args.workers} workers)", args.log_format)
     while True:
         wake.wait(1.0)
         wake.clear()
@@ -2077,7 +2178,7 @@ def _await_workers(workers: list[subprocess.Popen[str]]) -> int:
     for w in workers:
         assert w.stdout is not None
         for line in w.stdout:
-            if line.startswith("Server listening on"):
+            if "Server listening on" in line:  # a text or a JSON line
                 break
         else:
             return w.wait() or 2
