@@ -1824,6 +1824,16 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+TOKEN_KEY_CREDENTIAL = "token-key"  # systemd: LoadCredential=token-key:/etc/asps/token.key
+
+
+def _credential(name: str) -> str | None:
+    """$CREDENTIALS_DIRECTORY/NAME when systemd handed the service that credential (LoadCredential=)."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = os.path.join(directory, name) if directory else None
+    return path if path and os.path.isfile(path) else None
+
+
 def _env_flag(name: str) -> bool:
     return (os.environ.get(name) or "").lower() in ("1", "true", "yes", "on")
 
@@ -1887,10 +1897,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token-key-file",
-        default=_env("ASPS_TOKEN_KEY_FILE"),
-        help="file with the challenge HMAC key(s), one per line, first one signs [ASPS_TOKEN_KEY_FILE]. "
-        "Or put the key in ASPS_TOKEN_KEY (never on the command line). Replicas sharing a key accept "
-        "each other's challenges; without one a random per-process key is used",
+        default=_env("ASPS_TOKEN_KEY_FILE") or _credential(TOKEN_KEY_CREDENTIAL),
+        help="file with the challenge HMAC key(s), one per line, first one signs [ASPS_TOKEN_KEY_FILE]; "
+        "default under systemd: the 'token-key' credential ($CREDENTIALS_DIRECTORY/token-key, see "
+        "deploy/asps-server.service). Or put the key in ASPS_TOKEN_KEY (never on the command line). "
+        "Replicas sharing a key accept each other's challenges; without one a random per-process key "
+        "is used",
     )
     p.add_argument(
         "--token-ttl",
