@@ -453,7 +453,10 @@ def diagnose_connection(
     except UsageError:
         return []
     _target, tls_name = channel_target(hosts) if len(hosts) > 1 else (None, None)
-    ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
+    try:
+        ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
+    except (ssl.SSLError, ValueError) as e:
+        return [f"--ca holds no usable PEM CA certificate ({getattr(e, 'reason', None) or e})"]
     ctx.set_alpn_protocols(["h2"])
     found: list[str] = []
     for host, port in endpoints:

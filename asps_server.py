@@ -1231,9 +1231,10 @@ def load_tls_pair(cert_path: str, key_path: str, now: datetime.datetime | None =
     except OSError as e:
         raise TlsIdentityError(f"TLS key {key_path}: {e.strerror or e}") from None
     try:
-        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+        chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
         raise TlsIdentityError(f"TLS certificate {cert_path}: not a PEM certificate") from None
+    leaf = chain[0]
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
@@ -1242,6 +1243,16 @@ def load_tls_pair(cert_path: str, key_path: str, now: datetime.datetime | None =
         raise TlsIdentityError(f"TLS key {key_path}: not a PEM private key") from None
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        later = [
+            i
+            for i, c in enumerate(chain)
+            if c.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+        ]
+        if later:
+            raise TlsIdentityError(
+                f"TLS certificate {cert_path}: the key's certificate is number {later[0] + 1} in the file; "
+                "the server's own certificate must come first, then its issuers"
+            )
         raise TlsIdentityError(
             f"TLS key {key_path} does not match the certificate {cert_path} (serial {leaf.serial_number:x}): "
             "they are not one pair"

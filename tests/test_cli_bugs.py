@@ -332,3 +332,12 @@ def test_not_found_hints_at_omitting_key_and_lists_nothing_ungranted(env, tmp_pa
         assert capsys.readouterr().out == "Secret received: pw-1\n"
     finally:
         handle.stop(0)
+
+
+def test_client_with_an_unusable_ca_file_says_so_without_a_traceback(env, tmp_path, capsys):
+    bad_ca = tmp_path / "ca.crt"
+    bad_ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    argv = ["--host", f"127.0.0.1:{free_port()}", "--ca", str(bad_ca), "--provider", "sim"]
+    rc = asps_client.main([*argv, "--sim-dir", str(env.sim.directory), "--connect-timeout", "2"])
+    assert rc == asps_client.EXIT_UNREACHABLE
+    assert "--ca holds no usable PEM CA certificate" in capsys.readouterr().err

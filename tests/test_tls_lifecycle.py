@@ -115,6 +115,13 @@ def test_load_refuses_expired_not_yet_valid_and_mismatched_pairs_saying_which(en
         asps_server.load_tls_pair(str(cert), str(tmp_path / "junk.pem"))
     with pytest.raises(asps_server.TlsIdentityError, match="No such file"):
         asps_server.load_tls_pair(str(tmp_path / "absent.crt"), str(key))
+    # chain in the wrong order: the CA first, the server's certificate second
+    wrong_order = tmp_path / "wrong-order.crt"
+    wrong_order.write_bytes((env.certs / "ca.crt").read_bytes() + (env.certs / "server.crt").read_bytes())
+    with pytest.raises(
+        asps_server.TlsIdentityError, match="number 2 in the file; the server's own certificate"
+    ):
+        asps_server.load_tls_pair(str(wrong_order), str(env.certs / "server.key"))
     good = asps_server.load_tls_pair(str(env.certs / "server.crt"), str(env.certs / "server.key"))
     assert good.not_before < NOW < good.not_after
 
