@@ -18,6 +18,7 @@ import ipaddress
 import json
 import os
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -191,6 +192,8 @@ def make_evidence(
         prov = dcap.get_provider(provider, **provider_options)
     except dcap.DcapError as e:
         raise NoEvidence(f"no quote provider: {e}") from None
+    except ValueError as e:  # an option the provider does not know, e.g. the sim's TCB level
+        raise UsageError(f"{provider} provider: {e}") from None
     if fmt is None:
         fmt = "gramine" if getattr(prov, "name", "") == "gramine" else "cczoo"
     try:
@@ -412,6 +415,73 @@ def _attest(
     return reply, token, _replica_of(call)
 
 
+def _address_label(family: int, addr: tuple[Any, ...]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+
+
+def _probe(family: int, addr: tuple[Any, ...], ctx: ssl.SSLContext, tls_name: str, timeout: float) -> str:
+    """What one address does with a TCP connect and a TLS handshake verified as gRPC verifies it."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            with ctx.wrap_socket(sock, server_hostname=tls_name):
+                return "TLS handshake succeeds now (the server may have been starting or overloaded)"
+    except ssl.SSLCertVerificationError as e:
+        return (
+            f"TLS certificate verification failed: {e.verify_message or e.reason} "
+            "(the server's certificate expired, is not for this name, or is not signed by --ca)"
+        )
+    except ssl.SSLError as e:
+        return f"TLS handshake failed: {e.reason or e}"
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens there)"
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def diagnose_connection(
+    hosts: Sequence[str], ca_pem: bytes | None, server_name: str | None, timeout: float = 5.0
+) -> list[str]:
+    """Why no TLS connection could be made, one phrase per address tried (each resolved address of
+    each HOST:PORT), so that "certificate verification failed" is told apart from "connection refused":
+    gRPC's own error names only the last address it tried. Empty for targets that are not HOST:PORT."""
+    try:
+        endpoints = [_split_host_port(h) for h in hosts]
+    except UsageError:
+        return []
+    _target, tls_name = channel_target(hosts) if len(hosts) > 1 else (None, None)
+    try:
+        ctx = ssl.create_default_context(cadata=ca_pem.decode("ascii", "replace") if ca_pem else None)
+    except (ssl.SSLError, ValueError) as e:
+        return [f"--ca holds no usable PEM CA certificate ({getattr(e, 'reason', None) or e})"]
+    ctx.set_alpn_protocols(["h2"])
+    found: list[str] = []
+    for host, port in endpoints:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            found.append(f"{host}:{port}: cannot resolve {host} ({e.strerror or e})")
+            continue
+        for family, _kind, _proto, _name, addr in dict.fromkeys((i[0], 0, 0, "", i[4]) for i in infos):
+            name = server_name or tls_name or host
+            found.append(f"{_address_label(family, addr)}: {_probe(family, addr, ctx, name, timeout)}")
+    return found
+
+
+def _diagnosed(
+    e: ClientError, hosts: Sequence[str], ca_pem: bytes | None, server_name: str | None, timeout: float
+) -> ClientError:
+    """An Unreachable whose message says, per address, what actually failed."""
+    found = diagnose_connection(hosts, ca_pem, server_name, timeout)
+    if not found:
+        return e
+    label = ",".join(hosts)
+    return Unreachable(f"{label}: cannot connect: " + "; ".join(found), status=e.status, reason=e.reason)
+
+
 def fetch_secrets(
     host: str | Sequence[str],
     *,
@@ -465,6 +535,12 @@ def fetch_secrets(
                 )
                 break
             except ClientError as e:
+                if (
+                    isinstance(e, Unreachable)
+                    and e.status == grpc.StatusCode.UNAVAILABLE
+                    and attempt > retries
+                ):
+                    raise _diagnosed(e, hosts, ca_pem, server_name, connect_timeout) from None
                 if e.status != grpc.StatusCode.UNAVAILABLE or attempt > retries:
                     raise
     finally:
@@ -579,13 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="expected TLS name of the server, if not the host's",
     )
     p.add_argument(
+        "--secret",
         "--key",
         "-key",
         dest="names",
         action="append",
         metavar="NAME",
-        help="secret to request (repeatable; as the original, e.g. --key master_key); omit or 'all' for "
-        "every secret the policy grants",
+        help="name of a secret to request (repeatable); --key is the original's name for it (e.g. "
+        "--key master_key). Omit it, or give 'all', for every secret the policy grants this enclave",
     )
     p.add_argument(
         "--json", action="store_true", help="print {app_id, secrets} as JSON (values as UTF-8 or base64)"
@@ -613,7 +690,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the original secretmanager protocol (one --key; server must run --legacy-cczoo)",
     )
     sim = p.add_argument_group("simulated platform (demos and tests only; --provider sim)")
-    sim.add_argument("--sim-dir", default=env("ASPS_SIM_DIR", "sim"), help="sim platform directory")
+    sim.add_argument(
+        "--sim-dir",
+        default=env("ASPS_SIM_DIR", "sim"),
+        help="sim platform directory; it must exist (made by `python dcap.py sim-init DIR` or ./run.sh) "
+        "unless --sim-init is given (default %(default)s)",
+    )
+    sim.add_argument(
+        "--sim-init",
+        action="store_true",
+        help="create a new simulated platform in --sim-dir if there is none (its quotes verify only "
+        "against its own root CA and collateral)",
+    )
     sim.add_argument("--sim-mr-enclave", type=_hex32, help="mr_enclave the simulated enclave reports (hex)")
     sim.add_argument("--sim-mr-signer", type=_hex32, help="mr_signer the simulated enclave reports (hex)")
     sim.add_argument("--sim-isv-prod-id", type=int, default=0)
@@ -623,9 +711,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SIM_PLATFORM_FILE = "platform.json"  # what sgxsim.SimPlatform keeps in its directory
+
+
 def _provider_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.provider != "sim":
         return {}
+    sim_dir = Path(args.sim_dir)
+    if not args.sim_init and not (sim_dir / SIM_PLATFORM_FILE).is_file():
+        # A typo would otherwise make a new platform, whose quotes match no server's root and collateral.
+        what = (
+            "does not exist" if not sim_dir.exists() else f"holds no simulated platform ({SIM_PLATFORM_FILE})"
+        )
+        raise UsageError(
+            f"--sim-dir {args.sim_dir}: {what}; check the path (the server's --collateral and --root-ca "
+            "come from the same directory), or add --sim-init to create a new platform there"
+        )
     opts: dict[str, Any] = {
         "sim_dir": args.sim_dir,
         "isv_prod_id": args.sim_isv_prod_id,
@@ -750,9 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.out_dir:  # refuse an unsafe --out-dir before any secret is asked for
             os.close(_open_private_dir(args.out_dir))
-        evidence = make_evidence(
-            args.provider, key_type=args.key_type, fmt=args.evidence_format, **_provider_options(args)
-        )
+        options = _provider_options(args)
+        evidence = make_evidence(args.provider, key_type=args.key_type, fmt=args.evidence_format, **options)
         if args.legacy_cczoo:
             if len(names) != 1:
                 print("asps_client: --legacy-cczoo takes exactly one --key", file=sys.stderr)
@@ -801,7 +901,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except ClientError as e:
         print(f"asps_client: {e}", file=sys.stderr)
+        if isinstance(e, NotGranted) and names:
+            print(NOT_GRANTED_HINT, file=sys.stderr)
         return e.exit_code
+
+
+NOT_GRANTED_HINT = (
+    "asps_client: hint: --key/--secret NAME asks for that one secret; omit --key (or give --key all) "
+    "to receive every secret the policy grants this enclave"
+)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ exception into a kind. One JSON audit line is written per decision, never with a
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -1193,6 +1194,148 @@ class HealthMonitor:
             self._stop.set()
 
 
+# --- the server's own TLS certificate: checked at start, rotated on SIGHUP ------------------------------
+
+TLS_EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+class TlsIdentityError(Exception):
+    """The TLS certificate/key pair cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TlsPair:
+    """A checked certificate chain and its private key, as PEM, with the leaf's validity window."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    subject: str
+    serial: int
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+
+def load_tls_pair(cert_path: str, key_path: str, now: datetime.datetime | None = None) -> TlsPair:
+    """Read and check a certificate chain and key: parseable, the key is the leaf's, valid at `now`.
+
+    gRPC would accept an expired or mismatched pair and fail each handshake later, where only a
+    gRPC log line tells the operator why; checking here turns that into a refusal that says which.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        cert_pem = Path(cert_path).read_bytes()
+    except OSError as e:
+        raise TlsIdentityError(f"TLS certificate {cert_path}: {e.strerror or e}") from None
+    try:
+        key_pem = Path(key_path).read_bytes()
+    except OSError as e:
+        raise TlsIdentityError(f"TLS key {key_path}: {e.strerror or e}") from None
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise TlsIdentityError(f"TLS certificate {cert_path}: not a PEM certificate") from None
+    leaf = chain[0]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise TlsIdentityError(f"TLS key {key_path}: encrypted; give an unencrypted PEM key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TlsIdentityError(f"TLS key {key_path}: not a PEM private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        later = [
+            i
+            for i, c in enumerate(chain)
+            if c.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+        ]
+        if later:
+            raise TlsIdentityError(
+                f"TLS certificate {cert_path}: the key's certificate is number {later[0] + 1} in the file; "
+                "the server's own certificate must come first, then its issuers"
+            )
+        raise TlsIdentityError(
+            f"TLS key {key_path} does not match the certificate {cert_path} (serial {leaf.serial_number:x}): "
+            "they are not one pair"
+        )
+    pair = TlsPair(
+        cert_pem,
+        key_pem,
+        leaf.subject.rfc4514_string(),
+        leaf.serial_number,
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+    )
+    if now < pair.not_before:
+        raise TlsIdentityError(
+            f"TLS certificate {cert_path} is not yet valid: valid from {pair.not_before.isoformat()} "
+            f"(now {now.isoformat(timespec='seconds')}); check the clock or the certificate"
+        )
+    if now > pair.not_after:
+        raise TlsIdentityError(
+            f"TLS certificate {cert_path} expired on {pair.not_after.isoformat()} "
+            f"(now {now.isoformat(timespec='seconds')}); renew it"
+        )
+    return pair
+
+
+class ServerTlsIdentity:
+    """The server's certificate and key: checked when loaded, served through gRPC's dynamic credentials
+    so that `reload()` (SIGHUP) rotates them for new connections without a restart; connections
+    already open keep the certificate they were made with. A pair that fails the checks is refused at
+    start (TlsIdentityError) and, on reload, logged and ignored: the current pair stays in force."""
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.current = load_tls_pair(cert_path, key_path)
+        self._lock = threading.Lock()
+        self._pending: TlsPair | None = None  # taken by gRPC's fetcher at the next handshake
+        self._warn_if_expiring(self.current)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._configuration(self.current), self._fetch)
+
+    def reload(self) -> bool:
+        """Re-read both files; on any problem keep the pair in force and log why."""
+        try:
+            new = load_tls_pair(self.cert_path, self.key_path)
+        except TlsIdentityError as e:
+            log.error("TLS reload failed, keeping certificate serial %x: %s", self.current.serial, e)
+            return False
+        with self._lock:
+            self.current = new
+            self._pending = new
+        log.info(
+            "TLS certificate reloaded from %s: %s serial %x, valid until %s",
+            self.cert_path,
+            new.subject,
+            new.serial,
+            new.not_after.isoformat(),
+        )
+        self._warn_if_expiring(new)
+        return True
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC before each handshake: a new configuration once after a reload, else None."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return None if pending is None else self._configuration(pending)
+
+    @staticmethod
+    def _configuration(pair: TlsPair) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)])
+
+    def _warn_if_expiring(self, pair: TlsPair) -> None:
+        left = pair.not_after - datetime.datetime.now(datetime.UTC)
+        if left < TLS_EXPIRY_WARNING:
+            log.warning(
+                "TLS certificate %s expires in %.1f days (%s): renew it and send SIGHUP",
+                self.cert_path,
+                left.total_seconds() / 86400,
+                pair.not_after.isoformat(),
+            )
+
+
 # --- configuration and lifecycle ----------------------------------------------------------------------
 
 
@@ -1236,6 +1379,7 @@ class ServerHandle:
     _stopped: threading.Event = field(default_factory=threading.Event)
     monitor: HealthMonitor | None = None
     metrics: NullMetrics = field(default_factory=NullMetrics)
+    tls: ServerTlsIdentity | None = None  # reloaded on SIGHUP with the policy
 
     @property
     def address(self) -> str:
@@ -1376,9 +1520,9 @@ def serve(config: ServerConfig) -> ServerHandle:
     if not config.cert or not config.key:
         raise StartupError("TLS is required: give --cert and --key (./run.sh gen-certs makes demo ones)")
     try:
-        cert_pem, key_pem = Path(config.cert).read_bytes(), Path(config.key).read_bytes()
-    except OSError as e:
-        raise StartupError(f"TLS files: {e.filename}: {e.strerror}") from None
+        tls = ServerTlsIdentity(config.cert, config.key)
+    except TlsIdentityError as e:
+        raise StartupError(str(e)) from None
     try:
         pol = policy_mod.load_policy(config.policy)
     except policy_mod.PolicyError as e:
@@ -1430,7 +1574,7 @@ def serve(config: ServerConfig) -> ServerHandle:
         reflection = _reflection_module()
         names.append(reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+    creds = tls.credentials()
     try:
         port = server.add_secure_port(config.host, creds)
     except RuntimeError as e:
@@ -1467,7 +1611,9 @@ def serve(config: ServerConfig) -> ServerHandle:
         pol.kms,
         config.token_ttl,
     )
-    return ServerHandle(server, provisioner, health_servicer, config, port, monitor=monitor, metrics=metrics)
+    return ServerHandle(
+        server, provisioner, health_servicer, config, port, monitor=monitor, metrics=metrics, tls=tls
+    )
 
 
 # --- logging ------------------------------------------------------------------------------------------
@@ -1516,6 +1662,85 @@ def setup_logging(fmt: str = "text", audit_file: str | None = None, level: int =
         fh = logging.FileHandler(audit_file)
         fh.setFormatter(_JsonFormatter())
         audit_log.addHandler(fh)  # in addition to stderr
+
+
+def wants_json_logs(argv: Sequence[str]) -> bool:
+    """--log-format json (or ASPS_LOG_FORMAT=json), seen before argparse runs, so that even its
+    usage errors come out as JSON lines."""
+    fmt = os.environ.get("ASPS_LOG_FORMAT", "text")
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            fmt = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            fmt = arg.split("=", 1)[1]
+    return fmt == "json"
+
+
+def json_line(message: str, level: int = logging.INFO, logger: str = "asps") -> str:
+    """One line in the JSON log shape, for what is not written through logging (stdout, usage)."""
+    record = logging.makeLogRecord(
+        {"name": logger, "levelno": level, "levelname": logging.getLevelName(level), "msg": message}
+    )
+    return _JsonFormatter().format(record)
+
+
+def announce(message: str, fmt: str) -> None:
+    """A line on stdout that supervisors and scripts wait for ("Server listening on ...")."""
+    print(json_line(message) if fmt == "json" else message, flush=True)
+
+
+def _json_usage_error(parser: argparse.ArgumentParser, message: str) -> None:
+    print(json_line(f"{parser.prog}: {message} (see --help)", logging.ERROR), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+_NATIVE_LEVELS = {"E": logging.ERROR, "W": logging.WARNING, "I": logging.INFO, "F": logging.CRITICAL}
+_native_log = logging.getLogger("asps.stderr")
+
+
+def route_stderr_through_logging() -> None:
+    """JSON log mode: whatever writes to file descriptor 2 without our logging (gRPC's C core and its
+    absl log lines, Python warnings, a last-resort traceback, a worker's stray output) goes through a
+    pipe and comes out as one JSON log line each; lines that already are JSON pass as they are. Our
+    own handler writes to the real stderr (a duplicate of the original descriptor)."""
+    real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_fd, write_fd = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    for h in handlers:
+        if getattr(h, "stream", None) is sys.stderr:
+            h.setStream(real)
+    lock = handlers[0].lock if handlers and handlers[0].lock else threading.RLock()
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for raw in pipe:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if not line:
+                    continue
+                if line.startswith("{"):
+                    with contextlib.suppress(ValueError):
+                        json.loads(line)
+                        with lock:
+                            real.write(line + "\n")
+                        continue
+                level = (
+                    _NATIVE_LEVELS.get(line[:1], logging.WARNING) if line[1:5].isdigit() else logging.WARNING
+                )
+                _native_log.log(level, "%s", line)
+
+    thread = threading.Thread(target=pump, name="stderr-to-json", daemon=True)
+    thread.start()
+
+    def drain() -> None:  # at exit: close our end of the pipe, let the pump write what is left
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+            os.dup2(real.fileno(), 2)
+            thread.join(timeout=2.0)
+
+    atexit.register(drain)
 
 
 # --- demo certificates (./run.sh gen-certs) --------------------------------------------------------------
@@ -1594,7 +1819,8 @@ Every option can also be set through the environment variable in brackets; optio
 
 EPILOG = """\
 signals:
-  SIGHUP   re-read the policy file; a broken file keeps the current policy (the log says why)
+  SIGHUP   re-read the policy file and the TLS certificate and key; a broken or expired one keeps
+           the one in force (the log says why); new connections get the new certificate
   SIGTERM  stop accepting calls, let in-flight calls finish (--grace seconds), exit 0
 
 examples:
@@ -1607,6 +1833,16 @@ examples:
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
+
+
+TOKEN_KEY_CREDENTIAL = "token-key"  # systemd: LoadCredential=token-key:/etc/asps/token.key
+
+
+def _credential(name: str) -> str | None:
+    """$CREDENTIALS_DIRECTORY/NAME when systemd handed the service that credential (LoadCredential=)."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = os.path.join(directory, name) if directory else None
+    return path if path and os.path.isfile(path) else None
 
 
 def _env_flag(name: str) -> bool:
@@ -1627,13 +1863,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on, HOST:PORT [ASPS_HOST] (default %(default)s)",
     )
     p.add_argument(
+        "--tls-cert",
         "--cert",
         "-cert",
+        dest="cert",
         default=_env("ASPS_CERT", "server.crt"),
-        help="TLS certificate chain, PEM [ASPS_CERT]",
+        help="the server's TLS certificate chain, PEM [ASPS_CERT]; --cert is the original's name for it. "
+        "Refused at start when expired, not yet valid or not the key's; a warning when it expires "
+        "within 14 days; SIGHUP re-reads it",
     )
     p.add_argument(
-        "--key", "-key", default=_env("ASPS_KEY", "server.key"), help="TLS private key, PEM [ASPS_KEY]"
+        "--tls-key",
+        "--key",
+        "-key",
+        dest="key",
+        default=_env("ASPS_KEY", "server.key"),
+        help="the server's TLS private key, PEM [ASPS_KEY]; --key is the original's name for it "
+        "(on the client --key names a secret)",
     )
     p.add_argument(
         "-p",
@@ -1662,10 +1908,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token-key-file",
-        default=_env("ASPS_TOKEN_KEY_FILE"),
-        help="file with the challenge HMAC key(s), one per line, first one signs [ASPS_TOKEN_KEY_FILE]. "
-        "Or put the key in ASPS_TOKEN_KEY (never on the command line). Replicas sharing a key accept "
-        "each other's challenges; without one a random per-process key is used",
+        default=_env("ASPS_TOKEN_KEY_FILE") or _credential(TOKEN_KEY_CREDENTIAL),
+        help="file with the challenge HMAC key(s), one per line, first one signs [ASPS_TOKEN_KEY_FILE]; "
+        "default under systemd: the 'token-key' credential ($CREDENTIALS_DIRECTORY/token-key, see "
+        "deploy/asps-server.service). Or put the key in ASPS_TOKEN_KEY (never on the command line). "
+        "Replicas sharing a key accept each other's challenges; without one a random per-process key "
+        "is used",
     )
     p.add_argument(
         "--token-ttl",
@@ -1783,17 +2031,38 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def gen_certs_main(argv: Sequence[str]) -> int:
+    """`asps_server.py gen-certs DIR [HOST...]`: a demo CA and server certificate (never for production)."""
+    p = argparse.ArgumentParser(
+        prog="asps_server.py gen-certs",
+        description="Write a demo CA (ca.crt, ca.key) and a server certificate (server.crt, server.key) "
+        "for HOSTs into DIR. For demos and tests only: use your own PKI in production.",
+    )
+    p.add_argument("dir", metavar="DIR", help="directory to write into (created if absent)")
+    p.add_argument(
+        "hosts",
+        metavar="HOST",
+        nargs="*",
+        default=[],
+        help="names/IPs the certificate is for (default: localhost 127.0.0.1)",
+    )
+    args = p.parse_args(argv)  # an option-like DIR ("--help", "-x") is never taken as a directory name
+    d = generate_demo_certs(args.dir, args.hosts or ("localhost", "127.0.0.1"))
+    print(f"wrote {d}/ca.crt, {d}/server.crt, {d}/server.key (demo CA: {d}/ca.key)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gen-certs"]:
-        if len(argv) < 2:
-            print("usage: asps_server.py gen-certs DIR [HOST...]", file=sys.stderr)
-            return 2
-        d = generate_demo_certs(argv[1], argv[2:] or ("localhost", "127.0.0.1"))
-        print(f"wrote {d}/ca.crt, {d}/server.crt, {d}/server.key (demo CA: {d}/ca.key)")
-        return 0
-    args = build_parser().parse_args(argv)
+        return gen_certs_main(argv[1:])
+    parser = build_parser()
+    if wants_json_logs(argv):
+        parser.error = functools.partial(_json_usage_error, parser)  # type: ignore[method-assign]
+    args = parser.parse_args(argv)
     setup_logging(args.log_format, args.audit_log)
+    if args.log_format == "json":
+        route_stderr_through_logging()
     if args.workers > 1:
         return run_workers(argv, args)
 
@@ -1813,7 +2082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as e:
         log.error("cannot start: %s", e)
         return 2
-    print(f"Server listening on {handle.address}", flush=True)
+    announce(f"Server listening on {handle.address}", args.log_format)
     parent = int(os.environ.get(WORKER_PARENT_ENV) or 0)
     while True:
         wake.wait(1.0)
@@ -1824,6 +2093,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signum = events.pop(0)
             if signum == signal.SIGHUP:
                 handle.reload_policy()
+                if handle.tls is not None:
+                    handle.tls.reload()
             else:
                 log.info(
                     "%s: draining (up to %.0f s) and stopping", signal.Signals(signum).name, config.grace
@@ -1905,7 +2176,7 @@ def run_workers(argv: Sequence[str], args: argparse.Namespace) -> int:
     if rc:
         _stop_workers(workers, args.grace)
         return rc
-    print(f"Server listening on {host} ({args.workers} workers)", flush=True)
+    announce(f"Server listening on {host} ({args.workers} workers)", args.log_format)
     while True:
         wake.wait(1.0)
         wake.clear()
@@ -1930,7 +2201,7 @@ def _await_workers(workers: list[subprocess.Popen[str]]) -> int:
     for w in workers:
         assert w.stdout is not None
         for line in w.stdout:
-            if line.startswith("Server listening on"):
+            if "Server listening on" in line:  # a text or a JSON line
                 break
         else:
             return w.wait() or 2

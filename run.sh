@@ -118,7 +118,7 @@ cmd_server() {
 cmd_client() {
     local args=("$@") arg named=0
     for arg in "$@"; do
-        case "$arg" in --key | --key=*) named=1 ;; esac
+        case "$arg" in --key | --key=* | --secret | --secret=*) named=1 ;; esac
     done
     # like the original client: master_key unless --key says otherwise (--key all: every secret)
     [ "$named" = 1 ] || args+=(--key master_key)
