@@ -4,7 +4,7 @@ One GetSecrets request goes through these steps, each a plain function below so 
 tested without gRPC:
 
     check_sizes -> check_token -> sealing_suite (key type) -> check_signature -> verify_evidence
-        -> token recorded as used -> decide (policy) -> fetch (KMS) -> seal (HPKE to the evidence key)
+        -> decide (policy) -> token recorded as used -> fetch (KMS) -> seal (HPKE to the evidence key)
 
 Every refusal is a `Refusal` carrying its kind, step and reason; `STATUS_OF` is the single table
 that turns a kind into a gRPC status, and `classify` the single place that turns another module's
@@ -303,7 +303,7 @@ class TokenBook:
 
 def check_token(tokens: TokenBook, token: bytes) -> tuple[bytes, int]:
     """The challenge is authentic (HMAC), fresh, and not used yet on this replica; the caller records
-    it (`TokenBook.record`) only once the request is authenticated."""
+    it (`TokenBook.record`) only once the policy grants the request."""
     return tokens.check(token)
 
 
@@ -632,10 +632,11 @@ class Provisioner:
                 public_key = identity.public_key
                 suite = sealing_suite(public_key)
                 check_signature(b"", token, names, signature, public_key, der_digest=der_digest)
-            # Authenticated: only now does the token count as used (garbage cannot fill the cache).
-            self.tokens.record(ticket)
             rec.identity(identity)
             grant = decide(policy, identity, names, now)
+            # Granted: only now does the token count as used (insert-if-absent), so neither garbage
+            # nor a genuine enclave the policy refuses can hold a slot of the replay cache.
+            self.tokens.record(ticket)
             if cached is None:
                 self.evidence.put(digest, identity, policy, version)
             rec.app_id, rec.names = grant.app.id, list(grant.names)
