@@ -1966,8 +1966,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=_env("ASPS_THREADS", "16"),
-        help="request threads [ASPS_THREADS] (default %(default)s)",
+        help="threads for the CPU-bound and blocking work of GetSecrets (quote verification, ECDSA, "
+        "HPKE, the KMS read); calls themselves wait on an event loop and hold no thread "
+        "[ASPS_THREADS] (default %(default)s)",
     )
+    _add_bound_flags(p)
     p.add_argument(
         "--grace",
         type=float,
@@ -2024,6 +2027,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Help for each Bounds field; its flag is --FIELD-NAME, its environment twin ASPS_FIELD_NAME.
+_BOUND_HELP: dict[str, str] = {
+    "max_streams": "concurrent calls (HTTP/2 streams) per connection",
+    "receive_timeout": "seconds from a call's headers to its whole request message; slower calls "
+    "end with DEADLINE_EXCEEDED",
+    "handshake_timeout": "seconds a new connection gets for its TLS and HTTP/2 handshake",
+    "idle_timeout": "seconds a connection may stay open without a call",
+    "max_connection_age": "seconds after which any connection is asked to go away (clients reconnect)",
+    "connection_age_grace": "seconds its calls then get before the connection is closed",
+    "keepalive_time": "seconds of silence after which the server pings a connection",
+    "keepalive_timeout": "seconds that ping may go unanswered before the connection is closed",
+    "min_ping_interval": "seconds a client must leave between its pings while no call is open",
+    "ping_strikes": "pings sooner than that tolerated before GOAWAY",
+    "max_inflight": "GetSecrets calls admitted to the --threads pool at once (running or queued); "
+    "more are refused at once with RESOURCE_EXHAUSTED; 0: 8 x --threads",
+    "max_calls": "calls open at once, those waiting for their message included; more are refused "
+    "with RESOURCE_EXHAUSTED",
+}
+
+
+def _add_bound_flags(p: argparse.ArgumentParser) -> None:
+    defaults = Bounds()
+    for name, text in _BOUND_HELP.items():
+        default = getattr(defaults, name)
+        env = "ASPS_" + name.upper()
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(default),
+            dest=name,
+            default=_env(env, str(default)),
+            help=f"{text} [{env}] (default %(default)s)",
+        )
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
@@ -2045,6 +2082,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         health_interval=args.health_interval,
         evidence_cache=args.evidence_cache,
         reuse_port=args.reuse_port,
+        bounds=Bounds(**{name: getattr(args, name) for name in _BOUND_HELP}),
     )
 
 
