@@ -19,7 +19,7 @@ got done. Loopback only; each row is bounded by --duration seconds, every count 
 
 Usage:  .venv/bin/python bench/bench_attack.py [--duration 5] [--callers 4] [--threads 16]
                                                [--attack-conns 4] [--silent 64] [--flooders 2]
-                                               [--only bodyless,refused] [--json]
+                                               [--only bodyless,refused] [--server-script PATH] [--json]
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def start_server(tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[
     port = free_port()
     argv = [
         sys.executable,
-        str(REPO / "asps_server.py"),
+        str(Path(args.server_script).resolve()),
         "--host",
         f"127.0.0.1:{port}",
         "--cert",
@@ -286,7 +286,8 @@ def start_server(tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[
         *args.server_arg,
     ]
     log = open(tmp / "server.log", "w")  # noqa: SIM115  (closed with the process)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # an older asps_server.py finds this checkout's modules
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("Server listening on"):
@@ -342,6 +343,11 @@ def main() -> int:
     p.add_argument("--flooders", type=int, default=2, help="callers of each flooding attack")
     p.add_argument("--only", default=",".join(ATTACKS), help="attacks to run, comma-separated")
     p.add_argument("--server-arg", action="append", default=[], help="extra asps_server.py argument")
+    p.add_argument(
+        "--server-script",
+        default=str(REPO / "asps_server.py"),
+        help="the server to attack, e.g. an older asps_server.py (git show REV:asps_server.py) to compare",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args()
     if not (0 < args.duration <= 120 and 0 < args.callers <= 64 and args.silent <= 1000):

@@ -297,3 +297,32 @@ def test_every_bound_is_a_flag_with_an_environment_twin(monkeypatch):
     assert set(asps_server._BOUND_HELP) == {f.name for f in dataclasses.fields(asps_server.Bounds)}
     with pytest.raises(asps_server.StartupError, match="--receive-timeout"):
         asps_server.Bounds(receive_timeout=0).check()
+
+
+def test_health_watch_and_reflection_run_through_the_receive_limit(env):
+    """Server-streaming health Watch and (stream-stream) reflection work on the aio server; Watch hears
+    NOT_SERVING when the server drains."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    config = env.config(policy(env), threads=THREADS, reflection=True)
+    handle = asps_server.serve(config)
+    stopped = False
+    try:
+        with grpc.secure_channel(f"localhost:{handle.port}", grpc.ssl_channel_credentials(env.ca)) as ch:
+            listed = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+            names = {s.name for r in listed for s in r.list_services_response.service}
+            assert asps_server.SERVICE_NAME in names
+            watch = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service=asps_server.SERVICE_NAME), timeout=20
+            )
+            assert next(watch).status == SERVING
+            threading.Thread(target=handle.stop, args=(1,), daemon=True).start()
+            stopped = True
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        if not stopped:
+            handle.stop(0)
+        handle.wait(30)
