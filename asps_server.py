@@ -1356,7 +1356,7 @@ class HealthMonitor:
 
     def __init__(
         self,
-        servicer: health.HealthServicer,
+        servicer: LoopHealth,
         services: Sequence[str],
         collateral: CollateralWatch | None,
         interval: float,
