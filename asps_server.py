@@ -1043,12 +1043,27 @@ class LoopThread:
         """Run `coro` on the loop and wait for its result (never call from the loop's own thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    @staticmethod
+    async def _cancel_leftovers() -> None:
+        """Let the calls still on the loop end (the stopped server completes them, e.g. those of
+        peers that never sent a message), cancel what is left after a second: no task may be
+        destroyed pending when the loop closes."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            _done, tasks = await asyncio.wait(tasks, timeout=1)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
     def on_loop(self) -> bool:
         return threading.current_thread() is self._thread
 
     def close(self) -> None:
         if self.loop.is_closed():
             return
+        with contextlib.suppress(Exception):  # best effort: what is left is cancelled, not leaked
+            self.call(self._cancel_leftovers(), timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         if not self._thread.is_alive():
