@@ -1109,6 +1109,9 @@ class NullMetrics:
     ) -> None:
         """Numbers read at scrape time from the objects that own them."""
 
+    def watch_pool(self, pool: WorkPool) -> None:
+        """The work pool's admitted and shed calls, read at scrape time."""
+
     def close(self) -> None:
         """Stop serving /metrics."""
 
@@ -1189,9 +1192,35 @@ class Metrics(NullMetrics):
     ) -> None:
         self.registry.register(_StateCollector(provisioner, collateral, monitor))
 
+    def watch_pool(self, pool: WorkPool) -> None:
+        self.registry.register(_PoolCollector(pool))
+
     def close(self) -> None:
         self._http.shutdown()
         self._http.server_close()
+
+
+class _PoolCollector:
+    def __init__(self, pool: WorkPool) -> None:
+        self.pool = pool
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "asps_work_pool_admitted",
+            "Calls admitted to the work pool now (running or waiting for a thread)",
+            value=self.pool.admitted,
+        )
+        yield GaugeMetricFamily("asps_work_pool_limit", "--max-inflight in force", value=self.pool.limit)
+        yield CounterMetricFamily(
+            "asps_work_pool_shed",
+            "Calls refused RESOURCE_EXHAUSTED: the work pool was full",
+            value=self.pool.shed,
+        )
 
 
 class _StateCollector:
@@ -1688,6 +1717,7 @@ def serve(config: ServerConfig) -> ServerHandle:
     monitor = HealthMonitor(health_servicer, services, watch, config.health_interval)
     monitor.start()
     metrics.watch(provisioner, watch, monitor)
+    metrics.watch_pool(pool)
     loop.call(server.start(), 30)
     if metrics.port is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics.port)

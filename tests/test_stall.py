@@ -327,3 +327,26 @@ def test_health_watch_and_reflection_run_through_the_receive_limit(env):
         if not stopped:
             handle.stop(0)
         handle.wait(30)
+
+
+def test_a_full_work_pool_sheds_get_secrets_while_challenges_and_health_answer(env, ev1):
+    """Over gRPC: with the pool's one admitted slot taken, GetSecrets is refused RESOURCE_EXHAUSTED
+    at once (not queued), GetChallenge and health still answer, and the metrics count the shed call."""
+    handle = start(env, max_inflight=1)
+    client = Client(f"localhost:{handle.port}", env.ca)
+    release = threading.Event()
+    try:
+        held = asyncio.run_coroutine_threadsafe(handle.pool.run(lambda: release.wait(30)), handle.loop.loop)
+        req, _token = client.request(ev1, ["k"])
+        err = client.refused(req)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in err.details()
+        assert health_of(handle.port, env.ca) == SERVING
+        assert metric(handle, "asps_work_pool_shed_total") == 1
+        assert metric(handle, "asps_work_pool_admitted") == 1
+        release.set()
+        assert held.result(10) is True
+        assert attest(client, ev1, deadline=10) == "app1"
+    finally:
+        release.set()
+        client.close()
+        handle.stop(0)
