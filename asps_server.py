@@ -4,7 +4,7 @@ One GetSecrets request goes through these steps, each a plain function below so 
 tested without gRPC:
 
     check_sizes -> check_token -> sealing_suite (key type) -> check_signature -> verify_evidence
-        -> token recorded as used -> decide (policy) -> fetch (KMS) -> seal (HPKE to the evidence key)
+        -> decide (policy) -> token recorded as used -> fetch (KMS) -> seal (HPKE to the evidence key)
 
 Every refusal is a `Refusal` carrying its kind, step and reason; `STATUS_OF` is the single table
 that turns a kind into a gRPC status, and `classify` the single place that turns another module's
@@ -14,6 +14,7 @@ exception into a kind. One JSON audit line is written per decision, never with a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import contextlib
 import dataclasses
@@ -22,6 +23,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
@@ -304,7 +306,7 @@ class TokenBook:
 
 def check_token(tokens: TokenBook, token: bytes) -> tuple[bytes, int]:
     """The challenge is authentic (HMAC), fresh, and not used yet on this replica; the caller records
-    it (`TokenBook.record`) only once the request is authenticated."""
+    it (`TokenBook.record`) only once the policy grants the request."""
     return tokens.check(token)
 
 
@@ -633,10 +635,11 @@ class Provisioner:
                 public_key = identity.public_key
                 suite = sealing_suite(public_key)
                 check_signature(b"", token, names, signature, public_key, der_digest=der_digest)
-            # Authenticated: only now does the token count as used (garbage cannot fill the cache).
-            self.tokens.record(ticket)
             rec.identity(identity)
             grant = decide(policy, identity, names, now)
+            # Granted: only now does the token count as used (insert-if-absent), so neither garbage
+            # nor a genuine enclave the policy refuses can hold a slot of the replay cache.
+            self.tokens.record(ticket)
             if cached is None:
                 self.evidence.put(digest, identity, policy, version)
             rec.app_id, rec.names = grant.app.id, list(grant.names)
@@ -753,8 +756,8 @@ class _AuditRecord:
 # --- gRPC glue ----------------------------------------------------------------------------------------
 
 
-def _abort(context: grpc.ServicerContext, r: Refusal) -> None:
-    context.abort(r.status, f"{r.step}: {r.reason}")
+async def _abort(context: grpc.aio.ServicerContext, r: Refusal) -> None:
+    await context.abort(r.status, f"{r.step}: {r.reason}")
 
 
 @dataclass(frozen=True)
@@ -776,10 +779,10 @@ def _decoder(message_cls: Any) -> Callable[[bytes], Any]:
     return decode
 
 
-def _add_servicers(server: grpc.Server, provisioner: Provisioner) -> None:
+def _add_servicers(server: grpc.aio.Server, provisioner: Provisioner, pool: WorkPool) -> None:
     """Both services, with request deserializers that never raise (see `_Undecodable`)."""
-    v1 = SecretProvisionServicer(provisioner)
-    legacy = LegacyServicer(provisioner)
+    v1 = SecretProvisionServicer(provisioner, pool)
+    legacy = LegacyServicer(provisioner, pool)
     services = {
         SERVICE_NAME: {
             "GetChallenge": (v1.GetChallenge, asps_pb2.ChallengeRequest, asps_pb2.Challenge),
@@ -805,51 +808,283 @@ def _guarded(fn):
     """Refusal -> its status; anything else is a bug: log it (no values) and answer INTERNAL."""
 
     @functools.wraps(fn)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         if self.p.replica_id:  # set before abort() so refusals carry it too
             context.set_trailing_metadata(((REPLICA_METADATA, self.p.replica_id),))
         if isinstance(request, _Undecodable):
             log.info("refused %s: request is not a valid %s message", fn.__name__, request.message)
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request: not a valid {request.message} message (e.g. a string field that is not UTF-8)",
             )
         try:
-            return fn(self, request, context)
+            return await fn(self, request, context)
         except Refusal as r:
-            _abort(context, r)
+            await _abort(context, r)
+        except Busy as b:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(b))
         except Exception:
             log.exception("internal error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
     return wrapper
 
 
 class SecretProvisionServicer(asps_pb2_grpc.SecretProvisionServicer):
-    def __init__(self, provisioner: Provisioner) -> None:
+    """Runs on the event loop: GetChallenge there (an HMAC), GetSecrets in the work pool."""
+
+    def __init__(self, provisioner: Provisioner, pool: WorkPool) -> None:
         self.p = provisioner
+        self.pool = pool
 
     @_guarded
-    def GetChallenge(self, request, context):
+    async def GetChallenge(self, request, context):
         token, expires_at = self.p.get_challenge()
         return asps_pb2.Challenge(token=token, expires_at=expires_at)
 
     @_guarded
-    def GetSecrets(self, request, context):
-        app_id, sealed = self.p.get_secrets(
-            request.evidence, request.token, list(request.names), request.signature, peer=context.peer()
+    async def GetSecrets(self, request, context):
+        app_id, sealed = await self.pool.run(
+            functools.partial(
+                self.p.get_secrets,
+                request.evidence,
+                request.token,
+                list(request.names),
+                request.signature,
+                peer=context.peer(),
+            )
         )
         return asps_pb2.SecretsReply(app_id=app_id, sealed=sealed)
 
 
 class LegacyServicer(secretmanager_pb2_grpc.SecretMangerServicer):
-    def __init__(self, provisioner: Provisioner) -> None:
+    def __init__(self, provisioner: Provisioner, pool: WorkPool) -> None:
         self.p = provisioner
+        self.pool = pool
 
     @_guarded
-    def GetSecret(self, request, context):
-        value = self.p.get_secret_legacy(request.key, request.ctx, peer=context.peer())
+    async def GetSecret(self, request, context):
+        value = await self.pool.run(
+            functools.partial(self.p.get_secret_legacy, request.key, request.ctx, peer=context.peer())
+        )
         return secretmanager_pb2.SecretReply(value=value)
+
+
+# --- serving core: grpc.aio, where waiting holds no thread -------------------------------------------
+#
+# One asyncio event loop (on a thread of its own, `LoopThread`) runs the gRPC server: a call waiting
+# for its request message, a slow sender, a silent connection or an idle stream is a few objects on
+# that loop, never a thread. What costs CPU or blocks (quote verification, ECDSA, HPKE, the KMS read)
+# runs in `WorkPool`, a bounded thread pool that admits a bounded number of calls and refuses the
+# rest at once with RESOURCE_EXHAUSTED. Every other bound is in `Bounds` (README "Limits").
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What one process lets its peers hold, each a flag with an ASPS_* twin (README "Limits")."""
+
+    max_streams: int = 32  # concurrent HTTP/2 streams (calls) per connection
+    receive_timeout: float = 5.0  # seconds from a call's headers to its whole request message
+    handshake_timeout: float = 10.0  # seconds for a new connection's TLS and HTTP/2 handshake
+    idle_timeout: float = 120.0  # a connection with no call open this long is closed (GOAWAY)
+    max_connection_age: float = 600.0  # any connection is asked to go away after this long...
+    connection_age_grace: float = 30.0  # ...and closed once its calls had this long to finish
+    keepalive_time: float = 60.0  # the server pings a connection silent this long...
+    keepalive_timeout: float = 20.0  # ...and closes it when the ping is not answered in time
+    min_ping_interval: float = 30.0  # a client may ping no more often than this (without data)...
+    ping_strikes: int = 2  # ...pings beyond that are strikes; more than this many: GOAWAY
+    max_inflight: int = 0  # calls admitted to the work pool (running or queued); 0: 8 x --threads
+    max_calls: int = 4096  # calls open at once, waiting ones included; beyond: RESOURCE_EXHAUSTED
+
+    def check(self) -> None:
+        if self.max_streams < 1 or self.max_calls < 1 or self.max_inflight < 0 or self.ping_strikes < 0:
+            raise StartupError(
+                "--max-streams and --max-calls must be at least 1, --max-inflight and --ping-strikes "
+                "not negative"
+            )
+        for name in (
+            "receive_timeout",
+            "handshake_timeout",
+            "idle_timeout",
+            "max_connection_age",
+            "keepalive_time",
+            "keepalive_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise StartupError(f"--{name.replace('_', '-')} must be more than 0 seconds")
+        if self.connection_age_grace < 0 or self.min_ping_interval < 0:
+            raise StartupError("--connection-age-grace and --min-ping-interval must not be negative")
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """The grpc core arguments that enforce the connection-level bounds."""
+
+        def ms(seconds: float) -> int:
+            return max(1, int(seconds * 1000))
+
+        return [
+            ("grpc.max_concurrent_streams", self.max_streams),
+            ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
+            ("grpc.max_connection_idle_ms", ms(self.idle_timeout)),
+            ("grpc.max_connection_age_ms", ms(self.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", ms(self.connection_age_grace)),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_ping_interval)),
+            ("grpc.http2.max_ping_strikes", self.ping_strikes),
+        ]
+
+
+class Busy(Exception):
+    """The work pool is full: the call is shed with RESOURCE_EXHAUSTED instead of queued."""
+
+
+class WorkPool:
+    """A fixed number of threads for CPU-bound or blocking work, off the event loop. At most `limit`
+    calls are admitted (running or waiting for a thread); the next is refused at once (`Busy`), so a
+    flood costs the caller a quick refusal, not everyone a queue without end. A call counts until its
+    work is done, even if its caller gave up meanwhile (the thread is busy either way)."""
+
+    def __init__(self, threads: int, limit: int) -> None:
+        self.threads, self.limit = threads, limit
+        self._executor = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="asps")
+        self._lock = threading.Lock()
+        self.admitted = 0
+        self.shed = 0
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self.admitted >= self.limit:
+                self.shed += 1
+                raise Busy(f"server busy ({self.admitted} calls in progress); retry shortly")
+            self.admitted += 1
+        try:
+            job = self._executor.submit(fn)
+        except RuntimeError:  # shut down: the server is stopping
+            self._release(None)
+            raise Busy("server stopping; retry on another replica") from None
+        job.add_done_callback(self._release)
+        return await asyncio.wrap_future(job)
+
+    def _release(self, _job: Any) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ReceiveLimit(grpc.aio.ServerInterceptor):
+    """Bounds the time from a call's headers to its request message, for every method (health and
+    reflection included). grpc core has no such limit: a unary handler is simply not started until the
+    message arrives, and the call waits as long as the peer likes. So each unary-request method is
+    served as a stream-request one (the same bytes on the wire) whose handler reads the one message
+    under `asyncio.wait_for`; past the limit the call ends with DEADLINE_EXCEEDED and its stream is
+    reset. Bodies that trickle in slower than that are cut off the same way."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream_reply(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_unary_rpc_method_handler(
+            self._unary_reply(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _receive(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await asyncio.wait_for(requests.__anext__(), self.seconds)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request message not received within {self.seconds:g} s (--receive-timeout)",
+            )
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: no message was sent")
+
+    def _unary_reply(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def handler(requests, context):
+            request = await self._receive(requests, context)
+            return await behaviour(request, context)
+
+        return handler
+
+    def _stream_reply(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def handler(requests, context):
+            request = await self._receive(requests, context)
+            result = behaviour(request, context)
+            if inspect.isasyncgen(result):
+                async for reply in result:
+                    await context.write(reply)
+            else:
+                await result
+
+        return handler
+
+
+class LoopThread:
+    """An asyncio event loop running on a daemon thread of its own, so that `serve` and
+    `ServerHandle` stay synchronous for their callers (main's signal loop, tests)."""
+
+    def __init__(self, name: str = "asps-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run `coro` on the loop and wait for its result (never call from the loop's own thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @staticmethod
+    async def _cancel_leftovers() -> None:
+        """Let the calls still on the loop end (the stopped server completes them, e.g. those of
+        peers that never sent a message), cancel what is left after a second: no task may be
+        destroyed pending when the loop closes."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            _done, tasks = await asyncio.wait(tasks, timeout=1)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    def on_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(Exception):  # best effort: what is left is cancelled, not leaked
+            self.call(self._cancel_leftovers(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class LoopHealth:
+    """grpc.health.v1's aio servicer behind the synchronous `set` that HealthMonitor and `stop` call
+    from other threads (from the loop's own thread the change is scheduled, not awaited)."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, loop: LoopThread) -> None:
+        self.servicer, self._loop = servicer, loop
+
+    def set(self, service: str, status: int) -> None:
+        if self._loop.loop.is_closed():
+            return
+        if self._loop.on_loop():
+            self._loop.loop.create_task(self.servicer.set(service, status))
+        else:
+            self._loop.call(self.servicer.set(service, status), timeout=10)
 
 
 # --- metrics and health -------------------------------------------------------------------------------
@@ -874,6 +1109,9 @@ class NullMetrics:
         self, provisioner: Provisioner, collateral: CollateralWatch | None, monitor: HealthMonitor
     ) -> None:
         """Numbers read at scrape time from the objects that own them."""
+
+    def watch_pool(self, pool: WorkPool) -> None:
+        """The work pool's admitted and shed calls, read at scrape time."""
 
     def close(self) -> None:
         """Stop serving /metrics."""
@@ -955,9 +1193,35 @@ class Metrics(NullMetrics):
     ) -> None:
         self.registry.register(_StateCollector(provisioner, collateral, monitor))
 
+    def watch_pool(self, pool: WorkPool) -> None:
+        self.registry.register(_PoolCollector(pool))
+
     def close(self) -> None:
         self._http.shutdown()
         self._http.server_close()
+
+
+class _PoolCollector:
+    def __init__(self, pool: WorkPool) -> None:
+        self.pool = pool
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "asps_work_pool_admitted",
+            "Calls admitted to the work pool now (running or waiting for a thread)",
+            value=self.pool.admitted,
+        )
+        yield GaugeMetricFamily("asps_work_pool_limit", "--max-inflight in force", value=self.pool.limit)
+        yield CounterMetricFamily(
+            "asps_work_pool_shed",
+            "Calls refused RESOURCE_EXHAUSTED: the work pool was full",
+            value=self.pool.shed,
+        )
 
 
 class _StateCollector:
@@ -1137,7 +1401,7 @@ class HealthMonitor:
 
     def __init__(
         self,
-        servicer: health.HealthServicer,
+        servicer: LoopHealth,
         services: Sequence[str],
         collateral: CollateralWatch | None,
         interval: float,
@@ -1361,6 +1625,7 @@ class ServerConfig:
     health_interval: float = 10.0  # seconds between collateral probes for grpc.health.v1
     evidence_cache: int = 4096  # verified evidence remembered (entries); 0: verify every time
     reuse_port: bool = False  # SO_REUSEPORT: several processes serve one port (--workers)
+    bounds: Bounds = field(default_factory=Bounds)  # what peers may hold (README "Limits")
 
 
 class StartupError(Exception):
@@ -1369,17 +1634,20 @@ class StartupError(Exception):
 
 @dataclass
 class ServerHandle:
-    """A running server: its bound port, and the operations signals trigger."""
+    """A running server: its bound port, and the operations signals trigger. The gRPC server runs on
+    `loop` (grpc.aio); these methods are synchronous and may be called from any other thread."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     provisioner: Provisioner
-    health: health.HealthServicer
+    health: LoopHealth
     config: ServerConfig
     port: int
     _stopped: threading.Event = field(default_factory=threading.Event)
     monitor: HealthMonitor | None = None
     metrics: NullMetrics = field(default_factory=NullMetrics)
     tls: ServerTlsIdentity | None = None  # reloaded on SIGHUP with the policy
+    loop: LoopThread | None = None
+    pool: WorkPool | None = None
 
     @property
     def address(self) -> str:
@@ -1411,9 +1679,17 @@ class ServerHandle:
         """Refuse new calls, let in-flight ones finish within `grace` seconds."""
         if self.monitor is not None:
             self.monitor.stop()  # before NOT_SERVING, so that it cannot flip back
+        if self._stopped.is_set():
+            return
         for service in ("", SERVICE_NAME, LEGACY_SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(self.config.grace if grace is None else grace).wait()
+        seconds = self.config.grace if grace is None else grace
+        if self.loop is not None:
+            # aio: new calls are refused at once; calls in flight get `seconds`, then are cancelled.
+            self.loop.call(self.server.stop(seconds), timeout=seconds + 30)
+            self.loop.close()
+        if self.pool is not None:
+            self.pool.shutdown()
         self.metrics.close()
         self._stopped.set()
 
@@ -1549,45 +1825,33 @@ def serve(config: ServerConfig) -> ServerHandle:
         evidence_cache=EvidenceCache(config.evidence_cache),
     )
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="asps"),
-        options=[
-            ("grpc.max_receive_message_length", config.limits.request),
-            ("grpc.max_send_message_length", config.limits.reply),
-            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-        ],
-        maximum_concurrent_rpcs=max(64, config.threads * 16),
-    )
-    _add_servicers(server, provisioner)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [SERVICE_NAME, health.SERVICE_NAME]
     if config.legacy_cczoo:
-        names.append(LEGACY_SERVICE_NAME)
         log.warning(
             "--legacy-cczoo: also serving %s/GetSecret. That protocol is REPLAYABLE: anyone who "
             "captures one enclave's certificate can fetch its secrets again. Turn it off once clients "
             "have moved to asps.v1.",
             LEGACY_SERVICE_NAME,
         )
-    if config.reflection:
-        reflection = _reflection_module()
-        names.append(reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+    bounds = config.bounds
+    bounds.check()
+    pool = WorkPool(config.threads, bounds.max_inflight or 8 * config.threads)
+    loop = LoopThread()
     creds = tls.credentials()
     try:
-        port = server.add_secure_port(config.host, creds)
-    except RuntimeError as e:
-        raise StartupError(f"cannot listen on {config.host}: {e}") from None
-    if not port:
-        raise StartupError(f"cannot listen on {config.host}")
+        server, health_servicer, port = loop.call(_start_grpc(config, provisioner, pool, loop, creds), 60)
+    except BaseException:
+        loop.close()
+        pool.shutdown()
+        raise
     provisioner.replica_id = config.replica_id or f"{socket.gethostname()}:{port}"
     metrics: NullMetrics = NullMetrics()
     if config.metrics_port is not None:
         try:
             metrics = Metrics(config.metrics_host, config.metrics_port)
         except StartupError:
-            server.stop(0)
+            loop.call(server.stop(0), 30)
+            loop.close()
+            pool.shutdown()
             raise
         provisioner.metrics = metrics
     watch = verifier.source if isinstance(verifier.source, CollateralWatch) else None
@@ -1597,7 +1861,8 @@ def serve(config: ServerConfig) -> ServerHandle:
     monitor = HealthMonitor(health_servicer, services, watch, config.health_interval)
     monitor.start()
     metrics.watch(provisioner, watch, monitor)
-    server.start()
+    metrics.watch_pool(pool)
+    loop.call(server.start(), 30)
     if metrics.port is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics.port)
     log.info(
@@ -1612,8 +1877,52 @@ def serve(config: ServerConfig) -> ServerHandle:
         config.token_ttl,
     )
     return ServerHandle(
-        server, provisioner, health_servicer, config, port, monitor=monitor, metrics=metrics, tls=tls
+        server,
+        provisioner,
+        health_servicer,
+        config,
+        port,
+        monitor=monitor,
+        metrics=metrics,
+        tls=tls,
+        loop=loop,
+        pool=pool,
     )
+
+
+async def _start_grpc(
+    config: ServerConfig, provisioner: Provisioner, pool: WorkPool, loop: LoopThread, creds: Any
+) -> tuple[grpc.aio.Server, LoopHealth, int]:
+    """The aio server, its services and its port, made on the loop (aio objects belong to the loop
+    they are made on); started later by `serve`, once health and metrics are in place."""
+    bounds = config.bounds
+    server = grpc.aio.server(
+        interceptors=[ReceiveLimit(bounds.receive_timeout)],
+        options=[
+            ("grpc.max_receive_message_length", config.limits.request),
+            ("grpc.max_send_message_length", config.limits.reply),
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+            *bounds.channel_options(),
+        ],
+        maximum_concurrent_rpcs=bounds.max_calls,
+    )
+    _add_servicers(server, provisioner, pool)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        names = [SERVICE_NAME, health.SERVICE_NAME]
+        if config.legacy_cczoo:
+            names.append(LEGACY_SERVICE_NAME)
+        reflection = _reflection_module()
+        names.append(reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    try:
+        port = server.add_secure_port(config.host, creds)
+    except RuntimeError as e:
+        raise StartupError(f"cannot listen on {config.host}: {e}") from None
+    if not port:
+        raise StartupError(f"cannot listen on {config.host}")
+    return server, LoopHealth(health_servicer, loop), port
 
 
 # --- logging ------------------------------------------------------------------------------------------
@@ -1949,8 +2258,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=_env("ASPS_THREADS", "16"),
-        help="request threads [ASPS_THREADS] (default %(default)s)",
+        help="threads for the CPU-bound and blocking work of GetSecrets (quote verification, ECDSA, "
+        "HPKE, the KMS read); calls themselves wait on an event loop and hold no thread "
+        "[ASPS_THREADS] (default %(default)s)",
     )
+    _add_bound_flags(p)
     p.add_argument(
         "--grace",
         type=float,
@@ -2007,6 +2319,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Help for each Bounds field; its flag is --FIELD-NAME, its environment twin ASPS_FIELD_NAME.
+_BOUND_HELP: dict[str, str] = {
+    "max_streams": "concurrent calls (HTTP/2 streams) per connection",
+    "receive_timeout": "seconds from a call's headers to its whole request message; slower calls "
+    "end with DEADLINE_EXCEEDED",
+    "handshake_timeout": "seconds a new connection gets for its TLS and HTTP/2 handshake",
+    "idle_timeout": "seconds a connection may stay open without a call",
+    "max_connection_age": "seconds after which any connection is asked to go away (clients reconnect)",
+    "connection_age_grace": "seconds its calls then get before the connection is closed",
+    "keepalive_time": "seconds of silence after which the server pings a connection",
+    "keepalive_timeout": "seconds that ping may go unanswered before the connection is closed",
+    "min_ping_interval": "seconds a client must leave between its pings while no call is open",
+    "ping_strikes": "pings sooner than that tolerated before GOAWAY",
+    "max_inflight": "GetSecrets calls admitted to the --threads pool at once (running or queued); "
+    "more are refused at once with RESOURCE_EXHAUSTED; 0: 8 x --threads",
+    "max_calls": "calls open at once, those waiting for their message included; more are refused "
+    "with RESOURCE_EXHAUSTED",
+}
+
+
+def _add_bound_flags(p: argparse.ArgumentParser) -> None:
+    defaults = Bounds()
+    for name, text in _BOUND_HELP.items():
+        default = getattr(defaults, name)
+        env = "ASPS_" + name.upper()
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(default),
+            dest=name,
+            default=_env(env, str(default)),
+            help=f"{text} [{env}] (default %(default)s)",
+        )
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
@@ -2028,6 +2374,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         health_interval=args.health_interval,
         evidence_cache=args.evidence_cache,
         reuse_port=args.reuse_port,
+        bounds=Bounds(**{name: getattr(args, name) for name in _BOUND_HELP}),
     )
 
 

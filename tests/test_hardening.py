@@ -199,6 +199,29 @@ def test_concurrent_requests_with_one_token_only_one_passes(env, ev1, tmp_path):
     assert all("already used" in r for r in results if r != "granted")
 
 
+def test_genuine_but_refused_requests_spend_no_token(env, ev1, unknown, tmp_path):
+    """Issue 11: a token counts as used only once the policy grants the request. Genuine quotes the
+    policy refuses (unknown enclave, debug enclave, Revoked TCB, a name not granted) hold no slot."""
+    prov = provisioner(env, tmp_path, token_cache=2)
+    debug = env.evidence(ENCLAVE_1, debug=True)
+    revoked = env.evidence(ENCLAVE_1, tcb="Revoked")
+    cases = [(unknown, ("master_key",)), (debug, ("master_key",)), (revoked, ("master_key",))]
+    cases.append((ev1, ("nope",)))
+    for _ in range(5):  # more than the cache holds: a recorded refusal would fill it
+        for ev, names in cases:
+            r = refusal(prov.get_secrets, *signed(prov, ev, names))
+            kinds = (asps_server.Kind.DENIED, asps_server.Kind.NOT_GRANTED, asps_server.Kind.UNAUTHENTICATED)
+            assert r.kind in kinds, r.reason
+            assert r.step in ("policy", "evidence"), (r.step, r.reason)
+    assert len(prov.tokens) == 0
+    # a token refused once by the policy is not spent: the granted request with it goes through, once
+    token = prov.get_challenge()[0]
+    refusal(prov.get_secrets, *signed(prov, ev1, ("nope",), token=token))
+    assert prov.get_secrets(*signed(prov, ev1, token=token))[0] == "app1"
+    assert len(prov.tokens) == 1
+    assert "already used" in refusal(prov.get_secrets, *signed(prov, ev1, token=token)).reason
+
+
 # --- 3. the server's collateral at fault: UNAVAILABLE, not UNAUTHENTICATED ------------------------------
 
 
