@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 import asps_pb2
 import asps_pb2_grpc
-import dcap
+import attester
 import ratls
+from dcap_quote import DcapError
 
 # Protocol constants: see the README's "Protocol" section (the server has the same ones).
 TRANSCRIPT_LABEL = b"asps/v1 get-secrets"
@@ -188,14 +189,14 @@ def make_evidence(
 ) -> Evidence:
     """A fresh key and RA-TLS certificate from the named (or detected) quote provider."""
     try:
-        prov = dcap.get_provider(provider, **provider_options)
-    except dcap.DcapError as e:
+        prov = attester.get_provider(provider, **provider_options)
+    except DcapError as e:
         raise NoEvidence(f"no quote provider: {e}") from None
     if fmt is None:
         fmt = "gramine" if getattr(prov, "name", "") == "gramine" else "cczoo"
     try:
         cert_der, key = ratls.make_certificate(prov, key_type=key_type, fmt=fmt)
-    except dcap.DcapError as e:
+    except DcapError as e:
         raise NoEvidence(f"quote generation failed: {e}") from None
     return Evidence(cert_der, key)
 

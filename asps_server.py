@@ -53,6 +53,7 @@ import asps_pb2
 import asps_pb2_grpc
 import dcap
 import kms
+import pccs
 import policy as policy_mod
 import ratls
 import secretmanager_pb2
@@ -480,7 +481,7 @@ def _collateral_version(verifier: Any) -> Any:
     source only changes its collateral at nextUpdate, which the entry's expiry already covers."""
     source = getattr(verifier, "source", None)
     source = getattr(source, "source", source)  # CollateralWatch wraps the real source
-    if not isinstance(source, dcap.FileCollateralSource):
+    if not isinstance(source, pccs.FileCollateralSource):
         return None
     try:
         return source.get()
@@ -1038,7 +1039,7 @@ class CollateralWatch:
         self.source = source
         self._clock = clock
         # a file is one bundle for every platform; a PCCS has one per (FMSPC, CA type)
-        self._per_platform = not isinstance(source, dcap.FileCollateralSource)
+        self._per_platform = not isinstance(source, pccs.FileCollateralSource)
         self._lock = threading.Lock()
         self._last: dict[tuple[bytes, str], Any] = {}
         self._expiry: dict[tuple[bytes, str], int] = {}
@@ -1338,10 +1339,10 @@ def build_verifier(config: ServerConfig) -> dcap.Verifier:
             config.root_ca,
         )
     try:
-        source = dcap.open_collateral_source(config.collateral, pccs_url(config.pccs))
+        source = pccs.open_collateral_source(config.collateral, pccs_url(config.pccs))
     except dcap.DcapError as e:
         raise StartupError(f"collateral: {e}") from None
-    if isinstance(source, dcap.PccsCollateralSource):
+    if isinstance(source, pccs.PccsCollateralSource):
         source.timeout = PCCS_FETCH_TIMEOUT
     return dcap.Verifier(CollateralWatch(source), root_ca=root)
 

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 import dcap
+import dcap_quote
 
 # --------------------------------------------------------------------------------------------------
 # Constants (formats are public facts; names are ours)
@@ -221,11 +222,11 @@ def load_key_pem(data: bytes) -> PrivateKey:
 def _get_quote(provider: QuoteProvider, report_data: bytes) -> bytes:
     quote = provider.get_quote(report_data)
     try:
-        parsed = dcap.parse_quote(quote)
-    except dcap.QuoteError as e:
-        raise dcap.ProviderError(f"provider returned an unparsable quote: {e}") from e
+        parsed = dcap_quote.parse_quote(quote)
+    except dcap_quote.QuoteError as e:
+        raise dcap_quote.ProviderError(f"provider returned an unparsable quote: {e}") from e
     if parsed.report.report_data != report_data:
-        raise dcap.ProviderError("provider returned a quote for different report_data")
+        raise dcap_quote.ProviderError("provider returned a quote for different report_data")
     return quote
 
 
@@ -489,7 +490,7 @@ def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
         raise EvidenceError("binding", "DICE claims carry the hash of another public key")
 
 
-def _check_binding(ev: _Evidence, quote: dcap.Quote, spki: bytes) -> None:
+def _check_binding(ev: _Evidence, quote: dcap_quote.Quote, spki: bytes) -> None:
     """report_data[0:32] commits to this certificate's key (directly, or via the DICE claims)."""
     rd = quote.report.report_data
     if ev.claims is None:
@@ -503,7 +504,7 @@ def _check_binding(ev: _Evidence, quote: dcap.Quote, spki: bytes) -> None:
     _claimed_key_hash(ev.claims, spki)
 
 
-def _same_enclave(a: dcap.Quote, b: dcap.Quote) -> None:
+def _same_enclave(a: dcap_quote.Quote, b: dcap_quote.Quote) -> None:
     """Gramine's two quotes must come from one enclave on one platform; only report_data may differ."""
     if a.header != b.header:
         raise EvidenceError("gramine_consistency", "legacy and DICE quotes have different headers")
@@ -542,11 +543,11 @@ def verify_evidence(cert: bytes | str, verifier: Any, *, now: int | None = None)
     evidence: list[_Evidence] = []
     for source, value in found:
         evidence.append(_parse_dice(value) if source == "dice" else _Evidence(source, value))
-    quotes: list[dcap.Quote] = []
+    quotes: list[dcap_quote.Quote] = []
     for ev in evidence:
         try:
-            quotes.append(dcap.parse_quote(ev.quote))
-        except dcap.QuoteError as e:
+            quotes.append(dcap_quote.parse_quote(ev.quote))
+        except dcap_quote.QuoteError as e:
             raise EvidenceError("quote_parse", f"{ev.source} quote: {e}") from e
     for ev, q in zip(evidence, quotes, strict=True):
         _check_binding(ev, q, spki)
@@ -879,8 +880,10 @@ def _cmd_make(args: argparse.Namespace) -> int:
             options["mr_enclave"] = args.mr_enclave
         if args.mr_signer is not None:
             options["mr_signer"] = args.mr_signer
+    import attester  # the CLI's `make` is the enclave side's job: loaded only for it
+
     try:
-        provider = dcap.get_provider(args.provider, **options)
+        provider = attester.get_provider(args.provider, **options)
         cert_der, key = make_certificate(
             provider, key_type=args.key_type, fmt=args.format, validity_seconds=args.validity
         )
@@ -929,8 +932,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 2
     now = args.now
     identity: Identity | None = None
+    import pccs  # collateral sources: loaded only for the CLI's `verify`
+
     try:
-        source = dcap.open_collateral_source(args.collateral, args.pccs)
+        source = pccs.open_collateral_source(args.collateral, args.pccs)
         root = dcap.load_root_ca(args.root_ca)
         verifier = dcap.Verifier(source, root_ca=root)
         identity = verify_evidence(cert, verifier, now=now)

@@ -37,8 +37,10 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports():
     import dcap
+    import dcap_quote
     import policy
     import ratls
+    from dcap_collateral import Collateral
 
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -51,7 +53,7 @@ def _seeds(pattern: str) -> list[bytes]:
 
 def _sample_case() -> tuple[bytes, dcap.Verifier, int]:
     d = SAMPLES / "intel-sgx-v3"
-    coll = dcap.Collateral.from_json((d / "collateral.json").read_text())
+    coll = Collateral.from_json((d / "collateral.json").read_text())
     now = json.loads((d / "expected.json").read_text())["now"]
     return (d / "quote.bin").read_bytes(), dcap.Verifier(coll), now
 
@@ -85,8 +87,8 @@ def target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
     if name == "quote":
 
         def run(data: bytes) -> None:
-            with contextlib.suppress(dcap.QuoteError):
-                dcap.parse_quote(data)
+            with contextlib.suppress(dcap_quote.QuoteError):
+                dcap_quote.parse_quote(data)
 
         return run, _seeds("**/quote.bin")
     if name == "verify":
@@ -101,13 +103,13 @@ def target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
 
         def run(data: bytes) -> None:
             with contextlib.suppress(dcap.CollateralError):
-                dcap.Collateral.from_json(data)
+                Collateral.from_json(data)
 
         return run, _seeds("**/collateral.json")
     if name == "tcb":
         seeds = []
         for text in _seeds("**/collateral.json"):
-            c = dcap.Collateral.from_json(text)
+            c = Collateral.from_json(text)
             seeds += [c.tcb_info.encode(), c.qe_identity.encode()]
 
         def run(data: bytes) -> None:

@@ -43,6 +43,7 @@ import asps_pb2
 import asps_pb2_grpc
 import asps_server
 import dcap
+from dcap_collateral import Collateral
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -266,7 +267,7 @@ class Pccs:
     """A PCCS-shaped HTTP server (v4 API: /tcb, /qe/identity, /pckcrl, /rootcacrl) serving one bundle
     for every FMSPC; stoppable and restartable on the same port."""
 
-    def __init__(self, collateral: dcap.Collateral) -> None:
+    def __init__(self, collateral: Collateral) -> None:
         self.collateral = collateral
         self.requests = 0
         self.port = free_port()

@@ -2,7 +2,7 @@
 documented error type may escape (never IndexError, KeyError, TypeError, struct.error, RecursionError,
 UnicodeError, OverflowError, AttributeError, OSError...), and valid inputs still succeed.
 
-Targets: dcap.parse_quote, dcap.verify / Verifier.verify, dcap.Collateral.from_json, parse_tcb_info,
+Targets: dcap_quote.parse_quote, dcap.verify / Verifier.verify, Collateral.from_json, parse_tcb_info,
 parse_qe_identity, PccsCollateralSource (a hostile PCCS on 127.0.0.1), ratls.verify_evidence,
 ratls.ReferenceValues.from_dict, policy.load_policy / parse_policy.
 
@@ -47,8 +47,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import dcap
+import dcap_quote
 import policy
 import ratls
+from dcap_collateral import Collateral
+from pccs import PccsCollateralSource
 
 # ------------------------------------------------------------------------------------------------
 # settings: derandomized in CI, many more (random) examples with HYPOTHESIS_PROFILE=long
@@ -127,7 +130,7 @@ GENUINE_SIGNED = {q[:432] for q in ALL_QUOTES}
 @cache
 def case_verifier(name: str) -> dcap.Verifier:
     case = next(c for c in CASES if c.name == name)
-    return dcap.Verifier(dcap.Collateral.from_json(case.collateral_json))
+    return dcap.Verifier(Collateral.from_json(case.collateral_json))
 
 
 # Escapes found by this file in modules whose owners are still editing them (reported, not fixed
@@ -273,10 +276,10 @@ def mutated_quote(draw, sources: list[bytes] | None = None, max_ops: int = 4) ->
     return bytes(data)
 
 
-def parse_or_quote_error(data: bytes) -> dcap.Quote | None:
+def parse_or_quote_error(data: bytes) -> dcap_quote.Quote | None:
     try:
-        q = dcap.parse_quote(data)
-    except dcap.QuoteError as exc:
+        q = dcap_quote.parse_quote(data)
+    except dcap_quote.QuoteError as exc:
         assert str(exc)  # names the field
         return None
     assert q.to_bytes() == data  # anything accepted is exactly what it parsed
@@ -285,7 +288,7 @@ def parse_or_quote_error(data: bytes) -> dcap.Quote | None:
 
 def test_genuine_quotes_parse_and_round_trip():
     for q in SGX_QUOTES:
-        assert dcap.parse_quote(q).to_bytes() == q
+        assert dcap_quote.parse_quote(q).to_bytes() == q
 
 
 @fuzz(600)
@@ -341,7 +344,7 @@ def test_genuine_samples_verify():
 @fuzz(200)
 @given(mutated_quote(sources=[V3.quote]), st.integers(-(1 << 70), 1 << 70) | st.sampled_from([V3.now]))
 def test_module_verify_mutated_quote_any_time(quote, now):
-    coll = dcap.Collateral.from_json(V3.collateral_json)
+    coll = Collateral.from_json(V3.collateral_json)
     only(dcap.DcapError, lambda: dcap.verify(quote, coll, now=now))
 
 
@@ -412,7 +415,7 @@ def test_verify_quotes_with_mutated_pck_chain_der(sim_platform, data):
 
 @cache
 def _sim_verifier(root: bytes, coll_json: str) -> dcap.Verifier:
-    return dcap.Verifier(dcap.Collateral.from_json(coll_json), root_ca=root)
+    return dcap.Verifier(Collateral.from_json(coll_json), root_ca=root)
 
 
 def sim_verifier(sim) -> dcap.Verifier:
@@ -513,15 +516,15 @@ def pem_garbage(draw) -> str:
 @example(b"\xff\xfe\x00")
 @example(deep(500))
 def test_collateral_from_json_raises_only_collateral_error(doc):
-    coll = only(dcap.CollateralError, lambda: dcap.Collateral.from_json(doc))
+    coll = only(dcap.CollateralError, lambda: Collateral.from_json(doc))
     if coll is not None:
-        assert dcap.Collateral.from_json(coll.to_json()) == coll
+        assert Collateral.from_json(coll.to_json()) == coll
         only(dcap.DcapError, lambda: dcap.verify(V3.quote, coll, now=V3.now))
 
 
 def test_valid_collateral_round_trips():
-    coll = dcap.Collateral.from_json(V3.collateral_json)
-    assert dcap.Collateral.from_json(coll.to_json()) == coll
+    coll = Collateral.from_json(V3.collateral_json)
+    assert Collateral.from_json(coll.to_json()) == coll
     assert dcap.verify(V3.quote, coll, now=V3.now).status == V3.status
 
 
@@ -580,7 +583,7 @@ def tcb_or_qe_text(draw, piece: str | None = None, base: dict | None = None) -> 
     obj = json.loads(
         json.dumps(base)
         if base is not None
-        else getattr(dcap.Collateral.from_json(V3.collateral_json), piece)
+        else getattr(Collateral.from_json(V3.collateral_json), piece)
     )
     for _ in range(draw(st.integers(1, 4))):
         target = obj
@@ -811,7 +814,7 @@ class HostilePccs(HttpStandIn):
         super().__init__(Handler)
 
 
-def genuine_answers(c: dcap.Collateral) -> dict[str, Answer]:
+def genuine_answers(c: Collateral) -> dict[str, Answer]:
     q = urllib.parse.quote
     return {
         "/tcb": Answer(
@@ -917,7 +920,7 @@ def test_pccs_hostile_responses(sim_platform, pccs, data):
     for route in data.draw(st.lists(st.sampled_from(ROUTES), min_size=1, max_size=4, unique=True)):
         answers[route] = data.draw(hostile_answer(good[route], route))
     pccs.answers = answers
-    source = dcap.PccsCollateralSource(pccs.url, timeout=3)
+    source = PccsCollateralSource(pccs.url, timeout=3)
     start = time.monotonic()
     got = only(
         (dcap.CollateralError, dcap.CollateralUnavailable),
@@ -926,8 +929,8 @@ def test_pccs_hostile_responses(sim_platform, pccs, data):
         ),
     )
     if got is not None:
-        assert isinstance(got, dcap.Collateral)
-    verifier = dcap.Verifier(dcap.PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
+        assert isinstance(got, Collateral)
+    verifier = dcap.Verifier(PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
     only(dcap.DcapError, lambda: verifier.verify(sim_quote(sim, "UpToDate")))
     assert time.monotonic() - start < 10
 
@@ -935,7 +938,7 @@ def test_pccs_hostile_responses(sim_platform, pccs, data):
 def test_pccs_genuine_answers_verify(sim_platform, pccs):
     sim = sim_platform
     pccs.answers = genuine_answers(sim.collateral())
-    verifier = dcap.Verifier(dcap.PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
+    verifier = dcap.Verifier(PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
     assert verifier.verify(sim_quote(sim, "UpToDate")).status == "UpToDate"
 
 
@@ -944,7 +947,7 @@ def test_pccs_refused_connection_is_unavailable():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(dcap.CollateralUnavailable):
-        dcap.PccsCollateralSource(f"http://127.0.0.1:{port}", timeout=2).fetch(bytes(6), "processor")
+        PccsCollateralSource(f"http://127.0.0.1:{port}", timeout=2).fetch(bytes(6), "processor")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1644,7 +1647,7 @@ def _swap_der_byte(der: bytes, marker: bytes, offset: int, value: int) -> bytes:
 
 def test_regression_dcap_collateral_deep_nesting():
     with pytest.raises(dcap.CollateralError):
-        dcap.Collateral.from_json("[" * 100_000)
+        Collateral.from_json("[" * 100_000)
 
 
 def test_regression_dcap_tcb_info_deep_nesting():
@@ -1657,7 +1660,7 @@ def test_regression_dcap_surrogate_in_tcb_info():
     d["tcb_info"] = d["tcb_info"][:-1] + ',"x":"\ud800"}'
     text = json.dumps(d)  # ensure_ascii: the file holds the 6 characters \ud800, as a hostile file would
     assert "\\ud800" in text
-    coll = dcap.Collateral.from_json(text)
+    coll = Collateral.from_json(text)
     with pytest.raises(dcap.DcapError):
         dcap.verify(V3.quote, coll, now=V3.now)
 
@@ -1667,7 +1670,7 @@ def test_regression_dcap_pccs_deep_body(sim_platform, pccs):
     answers["/tcb"] = dataclasses.replace(answers["/tcb"], body=b'{"tcbInfo":' + b"[" * 100_000)
     pccs.answers = answers
     with pytest.raises((dcap.CollateralError, dcap.CollateralUnavailable)):
-        dcap.PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
+        PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
 
 
 def test_regression_dcap_pccs_crl_without_next_update(sim_platform, pccs):
@@ -1676,7 +1679,7 @@ def test_regression_dcap_pccs_crl_without_next_update(sim_platform, pccs):
     answers["/rootcacrl"] = Answer(200, crl)
     pccs.answers = answers
     with pytest.raises(dcap.CollateralError):
-        dcap.PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
+        PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
 
 
 def test_regression_dcap_crl_version(sim_platform):
@@ -1725,7 +1728,7 @@ def test_regression_dcap_pccs_response_size_bounded(sim_platform, pccs):
     pccs.answers = answers
     pccs.sent = 0
     with pytest.raises(dcap.CollateralError):
-        dcap.PccsCollateralSource(pccs.url, timeout=3).fetch(sim_platform.fmspc, "processor")
+        PccsCollateralSource(pccs.url, timeout=3).fetch(sim_platform.fmspc, "processor")
     time.sleep(0.2)
     assert pccs.sent <= 4 << 20, f"client read {pccs.sent} bytes of a 16 MiB answer"
 
@@ -1738,7 +1741,7 @@ def test_regression_dcap_pccs_slow_drip_hits_the_deadline(sim_platform, pccs):
     start = time.monotonic()
     try:
         with pytest.raises((dcap.CollateralError, dcap.CollateralUnavailable)):
-            dcap.PccsCollateralSource(pccs.url, timeout=1.0).fetch(sim_platform.fmspc, "processor")
+            PccsCollateralSource(pccs.url, timeout=1.0).fetch(sim_platform.fmspc, "processor")
     finally:
         pccs.drip = 0.0
     assert time.monotonic() - start < 2.0
@@ -1783,7 +1786,7 @@ def test_policy_escapes_found_by_fuzzing_are_policy_errors(policy_dir, request, 
 
 def test_far_times_are_verification_errors_not_overflows():
     """Times far outside datetime's range must be VerificationErrors, not OverflowError."""
-    coll = dcap.Collateral.from_json(V3.collateral_json)
+    coll = Collateral.from_json(V3.collateral_json)
     for now in (-(1 << 62), 1 << 62, 253402300800, -62135596801):
         with pytest.raises(dcap.VerificationError):
             dcap.verify(V3.quote, coll, now=now)

@@ -40,6 +40,7 @@ import asps_pb2
 import asps_pb2_grpc
 import asps_server
 import dcap
+import dcap_quote
 import policy as policy_mod
 import ratls
 
@@ -247,7 +248,7 @@ def test_quote_side_checks_stay_unauthenticated(check):
 def test_malformed_collateral_is_unavailable_and_malformed_quote_is_not():
     r = asps_server.classify(_wrapped(dcap.CollateralError("tcb_info: not valid JSON")), "evidence")
     assert r.kind is asps_server.Kind.UNAVAILABLE
-    r = asps_server.classify(_wrapped(dcap.QuoteError("quote too short")), "evidence")
+    r = asps_server.classify(_wrapped(dcap_quote.QuoteError("quote too short")), "evidence")
     assert r.kind is asps_server.Kind.UNAUTHENTICATED
     r = asps_server.classify(ratls.EvidenceError("binding", "key not bound"), "evidence")
     assert r.kind is asps_server.Kind.UNAUTHENTICATED

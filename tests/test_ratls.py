@@ -16,8 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+import attester
 import dcap
+import dcap_quote
 import ratls
+from dcap_collateral import Collateral
 
 MR_ENCLAVE = bytes.fromhex("3f2a" + "11" * 28 + "a1b2")
 MR_SIGNER = bytes.fromhex("5e" * 32)
@@ -231,7 +234,7 @@ def test_cczoo_layout(p256):
     cert = x509.load_der_x509_certificate(der)
     assert [e.oid.dotted_string for e in cert.extensions] == ["1.2.840.113741.1"]
     assert cert.extensions[0].critical is False
-    quote = dcap.parse_quote(ext_value(der, "1.2.840.113741.1"))  # the raw quote is the value
+    quote = dcap_quote.parse_quote(ext_value(der, "1.2.840.113741.1"))  # the raw quote is the value
     assert quote.report.report_data == spki_hash(key) + bytes(32)
     assert cert.serial_number == 1
     assert cert.subject == cert.issuer == x509.Name(
@@ -300,7 +303,7 @@ def test_gramine_tbs_is_byte_for_byte_ra_tls_attest(gram):
     # the legacy OID appears in the DER exactly as ra_tls.h spells it (tag+length inside the OID)
     assert tlv(0x06, OID_GRAMINE_LEGACY_AS_WRITTEN) in der
     # legacy quote: report_data = SHA256(SPKI) || zeros
-    assert dcap.parse_quote(legacy).report.report_data == rd(spki_hash(key))
+    assert dcap_quote.parse_quote(legacy).report.report_data == rd(spki_hash(key))
     # DICE: tag 60000 [bstr quote, bstr claims]; claims = {"pubkey-hash": bstr([1, bstr sha256])}
     assert evidence[:3] == bytes.fromhex("d9ea60") and evidence[3] == 0x82
     tagged = cbor2.loads(evidence)
@@ -308,7 +311,7 @@ def test_gramine_tbs_is_byte_for_byte_ra_tls_attest(gram):
     assert claims == (
         b"\xa1\x6bpubkey-hash" + bytes.fromhex("582482015820") + spki_hash(key)
     )
-    assert dcap.parse_quote(quote).report.report_data == rd(hashlib.sha256(claims).digest())
+    assert dcap_quote.parse_quote(quote).report.report_data == rd(hashlib.sha256(claims).digest())
     assert quote != legacy  # two quotes: Gramine asks /dev/attestation twice
 
 
@@ -468,7 +471,7 @@ class _ConstProvider:
 
 
 def test_provider_returning_wrong_quote_is_caught(p256):
-    with pytest.raises(dcap.ProviderError, match="different report_data"):
+    with pytest.raises(attester.ProviderError, match="different report_data"):
         ratls.make_certificate(_ConstProvider(ext_value(p256[0], "1.2.840.113741.1")))
 
 
@@ -520,7 +523,7 @@ def test_garbage_quote_and_garbage_certificate(verifier):
 
 def test_quote_not_genuine_wraps_dcap_error(p256, samples_dir):
     intel_only = dcap.Verifier(
-        dcap.Collateral.from_json((samples_dir / "intel-sgx-v3" / "collateral.json").read_text()),
+        Collateral.from_json((samples_dir / "intel-sgx-v3" / "collateral.json").read_text()),
         root_ca=dcap.intel_root_ca(),
     )
     err = evidence_error(p256[0], intel_only)
@@ -686,7 +689,7 @@ def rats_rs(samples_dir):
     d = samples_dir / "ratls-real" / "rats-rs-demo-sgx-cert"
     expected = json.loads((d / "expected.json").read_text())
     v = dcap.Verifier(
-        dcap.Collateral.from_json((d / "collateral.json").read_text()),
+        Collateral.from_json((d / "collateral.json").read_text()),
         root_ca=(samples_dir / "real-dcap" / "IntelSGXRootCA.der").read_bytes(),
     )
     return d, expected, v
