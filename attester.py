@@ -57,7 +57,7 @@ def _check_report_data(report_data: bytes) -> bytes:
     return report_data
 
 
-def _check_quote(quote: bytes, report_data: bytes, source: str) -> bytes:
+def check_quote(quote: bytes, report_data: bytes, source: str) -> bytes:
     """A provider's output is only a quote if it parses and carries the report_data we asked for.
 
     Catching this here turns a confused driver (short read, stale user_report_data, wrong buffer)
@@ -158,7 +158,7 @@ class OcclumProvider:
         if size_io.value > size:
             raise ProviderError(f"occlum: GEN_DCAP_QUOTE reported {size_io.value} bytes, "
                                   f"more than the {size}-byte buffer")
-        return _check_quote(buf.raw[: size_io.value], report_data, "occlum GEN_DCAP_QUOTE")
+        return check_quote(buf.raw[: size_io.value], report_data, "occlum GEN_DCAP_QUOTE")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class GramineProvider:
             quote = qpath.read_bytes()
         except OSError as exc:
             raise ProviderError(f"gramine: cannot read {qpath}: {_os_reason(exc)}") from None
-        return _check_quote(quote, report_data, f"gramine {qpath}")
+        return check_quote(quote, report_data, f"gramine {qpath}")
 
 
 # ---------------------------------------------------------------------------------------------------

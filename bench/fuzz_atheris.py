@@ -40,6 +40,7 @@ with atheris.instrument_imports():
     import dcap_quote
     import policy
     import ratls
+    import ratls_attest
     from dcap_collateral import Collateral
 
 from cryptography import x509  # noqa: E402
@@ -122,14 +123,16 @@ def target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
     if name in ("evidence", "dice"):
         plat, verifier = _sim()
         key = ec.generate_private_key(ec.SECP256R1())
-        oid = ratls.OID_CCZOO_QUOTE if name == "evidence" else ratls.OID_TCG_DICE_TAGGED_EVIDENCE
-        spki_hash = ratls.pubkey_hash(key.public_key())
+        oid = (ratls_attest.OID_CCZOO_QUOTE if name == "evidence"
+               else ratls_attest.OID_TCG_DICE_TAGGED_EVIDENCE)
+        spki_hash = ratls_attest.pubkey_hash(key.public_key())
         if name == "evidence":
             seeds = [plat.make_quote(spki_hash + bytes(32))]
         else:
-            claims = ratls.dice_claims(key.public_key())
+            claims = ratls_attest.dice_claims(key.public_key())
             seeds = [
-                ratls.dice_evidence(plat.make_quote(hashlib.sha256(claims).digest() + bytes(32)), claims)
+                ratls_attest.dice_evidence(plat.make_quote(hashlib.sha256(claims).digest() + bytes(32)),
+                                           claims)
             ]
 
         def run(data: bytes) -> None:

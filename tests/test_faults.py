@@ -42,6 +42,7 @@ import asps_client
 import asps_pb2
 import asps_pb2_grpc
 import asps_server
+import asps_wire
 import dcap
 from dcap_collateral import Collateral
 
@@ -164,7 +165,7 @@ def attest(stub, ev: asps_client.Evidence, expected: dict[str, bytes] | None = N
     names = list(expected)
     try:
         token = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=DEADLINE).token
-        sig = asps_client.sign_transcript(ev.private_key, asps_client.transcript(token, ev.cert_der, names))
+        sig = asps_wire.sign_transcript(ev.private_key, asps_wire.transcript(token, ev.cert_der, names))
         req = asps_pb2.SecretsRequest(evidence=ev.cert_der, token=token, names=names, signature=sig)
         reply = stub.GetSecrets(req, timeout=DEADLINE)
     except grpc.RpcError as e:

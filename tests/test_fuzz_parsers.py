@@ -50,6 +50,7 @@ import dcap
 import dcap_quote
 import policy
 import ratls
+import ratls_attest
 from dcap_collateral import Collateral
 from pccs import PccsCollateralSource
 
@@ -969,10 +970,10 @@ def _oid_content(dotted: str) -> bytes:
 
 
 OID_RAW = {
-    "cczoo": _oid_content(ratls.OID_CCZOO_QUOTE),
-    "gramine": _oid_content(ratls.OID_GRAMINE_QUOTE),
+    "cczoo": _oid_content(ratls_attest.OID_CCZOO_QUOTE),
+    "gramine": _oid_content(ratls_attest.OID_GRAMINE_QUOTE),
     "gramine-misencoded": bytes.fromhex("06092a864886f84d8a3906"),
-    "dice": _oid_content(ratls.OID_TCG_DICE_TAGGED_EVIDENCE),
+    "dice": _oid_content(ratls_attest.OID_TCG_DICE_TAGGED_EVIDENCE),
     "other": _oid_content("1.2.3.4"),
 }
 ECDSA_SHA256_ALG = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
@@ -1166,7 +1167,7 @@ def evidence_extensions(draw, sim, key: Any) -> list[bytes]:
                 quote = draw(mutated_quote(sources=[quote], max_ops=2))
             shape = draw(st.sampled_from(["good", "good", "raw", "tag", "list"]))
             if shape == "good":
-                value = ratls.dice_evidence(quote, claims)
+                value = ratls_attest.dice_evidence(quote, claims)
             elif shape == "raw":
                 value = draw(RAW_CBOR)
             elif shape == "tag":
@@ -1294,7 +1295,7 @@ def test_verify_evidence_mutated_genuine_certificates(sim_platform, ratls_verifi
 def _genuine_cert(sim_dir: str, fmt: str) -> bytes:
     import sgxsim
 
-    return ratls.make_certificate(sgxsim.SimProvider(sim_dir), fmt=fmt)[0]
+    return ratls_attest.make_certificate(sgxsim.SimProvider(sim_dir), fmt=fmt)[0]
 
 
 def genuine_cert(sim, fmt: str) -> bytes:
@@ -1305,8 +1306,9 @@ def test_genuine_certificates_verify(sim_platform, ratls_verifier):
     for fmt in ("cczoo", "gramine"):
         der = genuine_cert(sim_platform, fmt)
         assert ratls.verify_evidence(der, ratls_verifier).tcb_status == "UpToDate"
-        assert ratls.verify_evidence(ratls.cert_to_pem(der), ratls_verifier).evidence_format == fmt
-        assert ratls.verify_evidence(ratls.cert_to_pem(der).decode(), ratls_verifier).evidence_format == fmt
+        assert ratls.verify_evidence(ratls_attest.cert_to_pem(der), ratls_verifier).evidence_format == fmt
+        pem = ratls_attest.cert_to_pem(der).decode()
+        assert ratls.verify_evidence(pem, ratls_verifier).evidence_format == fmt
 
 
 @fuzz(400)
@@ -1346,7 +1348,7 @@ def test_dice_cbor_evidence(sim_platform, ratls_verifier, data):
     quote = sim.make_quote(report_data_for(hashlib.sha256(claims).digest()))
     shape = data.draw(st.sampled_from([0, 0, 1, 2, 3]))
     if shape == 0:
-        value = ratls.dice_evidence(quote, claims)
+        value = ratls_attest.dice_evidence(quote, claims)
     elif shape == 1:
         value = cbor_bytes(
             cbor2.CBORTag(
@@ -1356,7 +1358,7 @@ def test_dice_cbor_evidence(sim_platform, ratls_verifier, data):
     elif shape == 2:
         value = cbor_bytes(data.draw(CBOR_VALUES))
     else:
-        value = ratls.dice_evidence(quote, claims) + data.draw(st.binary(min_size=1, max_size=8))
+        value = ratls_attest.dice_evidence(quote, claims) + data.draw(st.binary(min_size=1, max_size=8))
     evidence_only(signed_cert(key, [raw_extension(OID_RAW["dice"], value)]), ratls_verifier)
 
 
@@ -1367,7 +1369,7 @@ def test_dice_bignum_hash_alg_is_evidence_error(sim_platform, ratls_verifier):
     entry = cbor2.dumps([cbor2.CBORTag(2, b"\x01" + bytes(2000)), hashlib.sha256(_spki(key)).digest()])
     claims = cbor2.dumps({"pubkey-hash": entry})
     quote = sim_platform.make_quote(report_data_for(hashlib.sha256(claims).digest()))
-    cert = signed_cert(key, [raw_extension(OID_RAW["dice"], ratls.dice_evidence(quote, claims))])
+    cert = signed_cert(key, [raw_extension(OID_RAW["dice"], ratls_attest.dice_evidence(quote, claims))])
     with pytest.raises(ratls.EvidenceError, match="hash-alg-id"):
         ratls.verify_evidence(cert, ratls_verifier)
 

@@ -39,6 +39,7 @@ import asps_client
 import asps_pb2
 import asps_pb2_grpc
 import asps_server
+import asps_wire
 import dcap
 import dcap_quote
 import policy as policy_mod
@@ -85,8 +86,8 @@ def signed(prov, ev, names=("master_key",), *, token=None, signer=None, evidence
     """(evidence, token, names, signature) for `prov.get_secrets`, signed the way the client does."""
     token = prov.get_challenge()[0] if token is None else token
     der = ev.cert_der if evidence is None else evidence
-    sig = asps_client.sign_transcript(
-        signer or ev.private_key, asps_client.transcript(token, der, list(names))
+    sig = asps_wire.sign_transcript(
+        signer or ev.private_key, asps_wire.transcript(token, der, list(names))
     )
     return der, token, list(names), sig
 

@@ -20,6 +20,7 @@ import attester
 import dcap
 import dcap_quote
 import ratls
+import ratls_attest
 from dcap_collateral import Collateral
 
 MR_ENCLAVE = bytes.fromhex("3f2a" + "11" * 28 + "a1b2")
@@ -134,7 +135,7 @@ def spki_of(key) -> bytes:
 
 
 def spki_hash(key) -> bytes:
-    return ratls.pubkey_hash(key.public_key())
+    return ratls_attest.pubkey_hash(key.public_key())
 
 
 def rd(first32: bytes) -> bytes:
@@ -170,12 +171,12 @@ def provider(sim_dir):
 @pytest.fixture(scope="module")
 def p256(provider):
     """One cczoo P-256 certificate reused by many refusal tests."""
-    return ratls.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="cczoo")
+    return ratls_attest.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="cczoo")
 
 
 @pytest.fixture(scope="module")
 def gram(provider):
-    return ratls.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="gramine")
+    return ratls_attest.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="gramine")
 
 
 def policy(**kw) -> ratls.ReferenceValues:
@@ -203,7 +204,7 @@ def evidence_error(cert, verifier, **kw) -> ratls.EvidenceError:
 @pytest.mark.parametrize("key_type", ["p256", "p384", "rsa3072"])
 def test_round_trip(provider, verifier, fmt, key_type):
     before = int(time.time())
-    der, key = ratls.make_certificate(provider(isv_prod_id=3, isv_svn=9), fmt=fmt, key_type=key_type)
+    der, key = ratls_attest.make_certificate(provider(isv_prod_id=3, isv_svn=9), fmt=fmt, key_type=key_type)
     ident = ratls.verify_evidence(der, verifier)
     assert ident.mr_enclave == MR_ENCLAVE and ident.mr_signer == MR_SIGNER
     assert (ident.isv_prod_id, ident.isv_svn, ident.debug) == (3, 9, False)
@@ -220,12 +221,12 @@ def test_round_trip(provider, verifier, fmt, key_type):
     assert ident.collateral_expiry > time.time()
     assert policy(isv_prod_id=3, min_isv_svn=9).appraise(ident) == ratls.Decision(True, None)
     # PEM input is accepted too
-    assert ratls.verify_evidence(ratls.cert_to_pem(der), verifier).mr_enclave == MR_ENCLAVE
+    assert ratls.verify_evidence(ratls_attest.cert_to_pem(der), verifier).mr_enclave == MR_ENCLAVE
 
 
 def test_default_key_types(provider):
-    _, k1 = ratls.make_certificate(provider(), fmt="cczoo")
-    _, k2 = ratls.make_certificate(provider(), fmt="gramine")
+    _, k1 = ratls_attest.make_certificate(provider(), fmt="cczoo")
+    _, k2 = ratls_attest.make_certificate(provider(), fmt="gramine")
     assert k1.curve.name == "secp256r1" and k2.curve.name == "secp384r1"
 
 
@@ -272,19 +273,19 @@ def test_cczoo_original_style_certificate(provider, verifier):
 
 
 def test_extra_report_data(provider, verifier):
-    der, key = ratls.make_certificate(provider(), extra_report_data=b"nonce-123")
+    der, key = ratls_attest.make_certificate(provider(), extra_report_data=b"nonce-123")
     ident = ratls.verify_evidence(der, verifier)
     assert ident.report_data == spki_hash(key) + b"nonce-123" + bytes(23)
 
 
 def test_validity_is_configurable_and_bounded(provider):
-    der, _ = ratls.make_certificate(provider(), validity_seconds=120, now=1_800_000_000)
+    der, _ = ratls_attest.make_certificate(provider(), validity_seconds=120, now=1_800_000_000)
     cert = x509.load_der_x509_certificate(der)
     assert cert.not_valid_before_utc.timestamp() == 1_800_000_000 - 60
     assert cert.not_valid_after_utc.timestamp() == 1_800_000_120
     for bad in (0, -5, 20 * 365 * 86400):
         with pytest.raises(ValueError, match="validity"):
-            ratls.make_certificate(provider(), validity_seconds=bad)
+            ratls_attest.make_certificate(provider(), validity_seconds=bad)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -348,8 +349,8 @@ def test_gramine_proper_oid_also_accepted(provider, verifier):
 
 def test_gramine_extensions_with_different_quotes_refused(provider, verifier):
     key = ec.generate_private_key(ec.SECP384R1())
-    claims = ratls.dice_claims(key.public_key())
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
+    claims = ratls_attest.dice_claims(key.public_key())
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
     now = int(time.time())
     # legacy quote of another enclave, correctly bound to the same key
     other = provider(mr_enclave=OTHER_ENCLAVE).get_quote(rd(spki_hash(key)))
@@ -370,13 +371,13 @@ def test_gramine_extensions_with_different_quotes_refused(provider, verifier):
 def test_dice_claims_of_another_key_refused(provider, verifier):
     key = ec.generate_private_key(ec.SECP256R1())
     other = ec.generate_private_key(ec.SECP256R1())
-    claims = ratls.dice_claims(other.public_key())
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
+    claims = ratls_attest.dice_claims(other.public_key())
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
     err = evidence_error(crafted_cert(key, [extension(OID_DICE, dice)]), verifier)
     assert err.step == "binding" and "another public key" in str(err)
     # report_data not the hash of the claims it travels with
-    mine = ratls.dice_claims(key.public_key())
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), mine)
+    mine = ratls_attest.dice_claims(key.public_key())
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), mine)
     err = evidence_error(crafted_cert(key, [extension(OID_DICE, dice)]), verifier)
     assert err.step == "binding" and "claims" in str(err)
 
@@ -416,7 +417,7 @@ def test_malformed_dice_evidence(provider, verifier, build, needle):
     def mk(claims: bytes) -> bytes:
         return prov.get_quote(rd(hashlib.sha256(claims).digest()))
 
-    evidence = build(mk, ratls.dice_claims(key.public_key()))
+    evidence = build(mk, ratls_attest.dice_claims(key.public_key()))
     err = evidence_error(crafted_cert(key, [extension(OID_DICE, evidence)]), verifier)
     assert needle in str(err)
     assert err.step == "dice_evidence"
@@ -427,7 +428,7 @@ def test_dice_sha384_hash_entry_accepted(provider, verifier):
     key = ec.generate_private_key(ec.SECP384R1())
     spki = spki_of(key)
     claims = cbor2.dumps({"pubkey-hash": cbor2.dumps([7, hashlib.sha384(spki).digest()])})
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
     ident = ratls.verify_evidence(crafted_cert(key, [extension(OID_DICE, dice)]), verifier)
     assert ident.evidence_format == "dice"
 
@@ -472,7 +473,7 @@ class _ConstProvider:
 
 def test_provider_returning_wrong_quote_is_caught(p256):
     with pytest.raises(attester.ProviderError, match="different report_data"):
-        ratls.make_certificate(_ConstProvider(ext_value(p256[0], "1.2.840.113741.1")))
+        ratls_attest.make_certificate(_ConstProvider(ext_value(p256[0], "1.2.840.113741.1")))
 
 
 def test_report_data_of_another_key(provider, verifier):
@@ -499,8 +500,8 @@ def test_extension_duplicated(p256, verifier):
     err = evidence_error(der, verifier)
     assert err.step == "evidence_extension" and "more than once" in str(err)
     # two quote extensions of different kinds (not Gramine's pair)
-    claims = ratls.dice_claims(key.public_key())
-    dice = ratls.dice_evidence(quote, claims)
+    claims = ratls_attest.dice_claims(key.public_key())
+    dice = ratls_attest.dice_evidence(quote, claims)
     der = crafted_cert(key, [extension(OID_CCZOO, quote), extension(OID_DICE, dice)])
     err = evidence_error(der, verifier)
     assert err.step == "evidence_extension" and "more than one quote" in str(err)
@@ -532,7 +533,7 @@ def test_quote_not_genuine_wraps_dcap_error(p256, samples_dir):
 
 
 def test_certificate_dates_are_not_genuineness(provider, verifier):
-    der, _ = ratls.make_certificate(provider(), validity_seconds=5)
+    der, _ = ratls_attest.make_certificate(provider(), validity_seconds=5)
     later = int(time.time()) + 3600
     ident = ratls.verify_evidence(der, verifier, now=later)  # still genuine
     decision = policy().appraise(ident, now=later)
@@ -546,7 +547,7 @@ def test_certificate_dates_are_not_genuineness(provider, verifier):
 
 
 def test_debug_enclave_refused(provider, verifier):
-    ident = ratls.verify_evidence(ratls.make_certificate(provider(debug=True))[0], verifier)
+    ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(debug=True))[0], verifier)
     assert ident.debug is True
     assert policy().appraise(ident) == ratls.Decision(False, "debug enclave refused")
     assert policy(allow_debug=True).appraise(ident).accepted
@@ -554,7 +555,7 @@ def test_debug_enclave_refused(provider, verifier):
 
 @pytest.mark.parametrize("status", ["SWHardeningNeeded", "OutOfDate", "ConfigurationAndSWHardeningNeeded"])
 def test_disallowed_tcb_status(provider, verifier, status):
-    ident = ratls.verify_evidence(ratls.make_certificate(provider(tcb=status))[0], verifier)
+    ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(tcb=status))[0], verifier)
     assert ident.tcb_status == status
     expected = ratls.Decision(False, f"TCB status {status} not allowed for app 2")
     assert policy().appraise(ident, app="2") == expected
@@ -568,11 +569,12 @@ def test_revoked_never_allowed(provider, verifier):
         ratls.ReferenceValues(mr_enclave=MR_ENCLAVE, allowed_tcb_statuses=frozenset({"Revoked"}))
     # a Revoked platform is refused whatever else the policy allows
     try:
-        ident = ratls.verify_evidence(ratls.make_certificate(provider(tcb="Revoked"))[0], verifier)
+        ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(tcb="Revoked"))[0], verifier)
     except ratls.EvidenceError as e:  # a verifier may already call a revoked TCB not genuine
         assert e.step == "quote_verification"
         ident = dataclasses.replace(
-            ratls.verify_evidence(ratls.make_certificate(provider())[0], verifier), tcb_status="Revoked"
+            ratls.verify_evidence(ratls_attest.make_certificate(provider())[0], verifier),
+            tcb_status="Revoked"
         )
     assert ident.tcb_status == "Revoked"
     everything = [s for s in ratls.ALLOWABLE_TCB_STATUSES]
@@ -581,7 +583,8 @@ def test_revoked_never_allowed(provider, verifier):
 
 
 def test_advisories(provider, verifier):
-    ident = ratls.verify_evidence(ratls.make_certificate(provider(tcb="SWHardeningNeeded"))[0], verifier)
+    cert = ratls_attest.make_certificate(provider(tcb="SWHardeningNeeded"))[0]
+    ident = ratls.verify_evidence(cert, verifier)
     assert "INTEL-SA-00615" in ident.advisory_ids
     allow = ["UpToDate", "SWHardeningNeeded"]
     # advisories alone never refuse
@@ -706,7 +709,7 @@ def test_rats_rs_certificate(rats_rs):
     assert ident.attributes.hex() == expected["attributes"]
     assert ident.report_data.hex() == expected["report_data"]
     assert ident.cert_der == (d / "cert.der").read_bytes()
-    assert ratls.pubkey_hash(ident.public_key).hex().startswith("8d5e52bb")
+    assert ratls_attest.pubkey_hash(ident.public_key).hex().startswith("8d5e52bb")
     # same result from DER
     assert ratls.verify_evidence((d / "cert.der").read_bytes(), v, now=now).mr_enclave == ident.mr_enclave
 
