@@ -9,6 +9,8 @@ tested without gRPC:
 Every refusal is a `Refusal` carrying its kind, step and reason; `STATUS_OF` is the single table
 that turns a kind into a gRPC status, and `classify` the single place that turns another module's
 exception into a kind. One JSON audit line is written per decision, never with a secret value.
+
+Who may import it: nothing in the project (it is the tenant side's entry point); tests and benchmarks.
 """
 
 from __future__ import annotations
