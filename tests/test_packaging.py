@@ -38,8 +38,8 @@ CLIENT_FILES = [
     "requirements.txt",
 ]
 # Tenant side: never in the client image.
-SERVER_ONLY = ["asps_server.py", "policy.py", "kms.py", "ratls.py", "dcap.py", "dcap_collateral.py", "pccs.py",
-               "intel_sgx_root_ca.der"]
+SERVER_ONLY = ["asps_server.py", "policy.py", "kms.py", "ratls.py", "dcap.py", "dcap_collateral.py",
+               "pccs.py", "intel_sgx_root_ca.der"]
 # Copied when present; the workspace has the first two only.
 OPTIONAL = ["secretmanager_pb2.py", "secretmanager_pb2_grpc.py"]
 CERTS = ["ca.crt", "server.crt", "server.key"]
@@ -240,7 +240,8 @@ def test_client_image_has_the_client_modules_and_the_ca_only(built: Workspace) -
 
 def test_server_image_has_server_modules_certs_and_the_measured_policy(built: Workspace) -> None:
     image = built.instance("server") / "image"
-    shared = ["asps_wire.py", "ratls_attest.py", "attester.py", "dcap_quote.py", "asps_pb2.py", "asps_pb2_grpc.py"]
+    shared = ["asps_wire.py", "ratls_attest.py", "attester.py", "dcap_quote.py", "asps_pb2.py",
+              "asps_pb2_grpc.py"]
     for name in [*SERVER_ONLY, *OPTIONAL[:1], *shared]:
         assert (image / "bin" / name).read_bytes() == (built.src / name).read_bytes(), name
     assert not (image / "bin" / "asps_client.py").exists()
