@@ -43,6 +43,7 @@ from asps_testkit import HttpStandIn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from der_writer import oid_content, tlv
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -683,14 +684,6 @@ _SIM_QUOTES: dict[tuple[bytes, str], bytes] = {}
 # CRLs: DER surgery (drop, retype or corrupt TBSCertList fields), re-signed or not
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(raw)]) + raw + content
-
-
 def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     """(tag, element start, element end) of each element in data[start:end]."""
     out, pos = [], start
@@ -708,7 +701,7 @@ def crl_without_field(crl: bytes, index: int, replacement: bytes = b"") -> bytes
     _, ts, te = dcap.der_tlv(crl, top[0][1], top[0][2])
     kids = _children(crl, ts, te)
     parts = [crl[a:b] if i != index else replacement for i, (_, a, b) in enumerate(kids)]
-    return _tlv(0x30, _tlv(0x30, b"".join(parts)) + b"".join(crl[a:b] for _, a, b in top[1:]))
+    return tlv(0x30, tlv(0x30, b"".join(parts)) + b"".join(crl[a:b] for _, a, b in top[1:]))
 
 
 def tbs_field_count(crl: bytes) -> int:
@@ -955,29 +948,15 @@ def test_pccs_refused_connection_is_unavailable():
 # RA-TLS certificates
 
 
-def _oid_content(dotted: str) -> bytes:
-    """DER content bytes of an OBJECT IDENTIFIER (first two arcs folded, base-128 arcs)."""
-    arcs = [int(a) for a in dotted.split(".")]
-    out = bytearray()
-    for a in [40 * arcs[0] + arcs[1], *arcs[2:]]:
-        chunk = [a & 0x7F]
-        a >>= 7
-        while a:
-            chunk.append(0x80 | (a & 0x7F))
-            a >>= 7
-        out += bytes(reversed(chunk))
-    return bytes(out)
-
-
 OID_RAW = {
-    "cczoo": _oid_content(ratls_attest.OID_CCZOO_QUOTE),
-    "gramine": _oid_content(ratls_attest.OID_GRAMINE_QUOTE),
+    "cczoo": oid_content(ratls_attest.OID_CCZOO_QUOTE),
+    "gramine": oid_content(ratls_attest.OID_GRAMINE_QUOTE),
     "gramine-misencoded": bytes.fromhex("06092a864886f84d8a3906"),
-    "dice": _oid_content(ratls_attest.OID_TCG_DICE_TAGGED_EVIDENCE),
-    "other": _oid_content("1.2.3.4"),
+    "dice": oid_content(ratls_attest.OID_TCG_DICE_TAGGED_EVIDENCE),
+    "other": oid_content("1.2.3.4"),
 }
-ECDSA_SHA256_ALG = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
-RSA_SHA256_ALG = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a864886f70d01010b")) + b"\x05\x00")
+ECDSA_SHA256_ALG = tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
+RSA_SHA256_ALG = tlv(0x30, tlv(0x06, bytes.fromhex("2a864886f70d01010b")) + b"\x05\x00")
 
 
 @cache
@@ -996,12 +975,12 @@ def _spki(key: Any) -> bytes:
 
 
 def _utc(t: int) -> bytes:
-    return _tlv(0x17, dt.datetime.fromtimestamp(t, dt.UTC).strftime("%y%m%d%H%M%SZ").encode())
+    return tlv(0x17, dt.datetime.fromtimestamp(t, dt.UTC).strftime("%y%m%d%H%M%SZ").encode())
 
 
 def raw_extension(oid_content: bytes, value: bytes, critical: bool | None = None) -> bytes:
-    crit = b"" if critical is None else _tlv(0x01, b"\xff" if critical else b"\x00")
-    return _tlv(0x30, _tlv(0x06, oid_content) + crit + _tlv(0x04, value))
+    crit = b"" if critical is None else tlv(0x01, b"\xff" if critical else b"\x00")
+    return tlv(0x30, tlv(0x06, oid_content) + crit + tlv(0x04, value))
 
 
 def signed_cert(
@@ -1014,27 +993,27 @@ def signed_cert(
     """A self-signed v3 certificate with exactly these raw extensions (duplicates, odd OIDs allowed)."""
     is_ec = isinstance(key, ec.EllipticCurvePrivateKey)
     alg = sig_alg or (ECDSA_SHA256_ALG if is_ec else RSA_SHA256_ALG)
-    name = _tlv(0x30, _tlv(0x31, _tlv(0x30, _tlv(0x06, b"\x55\x04\x03") + _tlv(0x0C, b"fuzz"))))
+    name = tlv(0x30, tlv(0x31, tlv(0x30, tlv(0x06, b"\x55\x04\x03") + tlv(0x0C, b"fuzz"))))
     now = int(time.time())
     exts = b"".join(extensions)
     fields = [
-        _tlv(0xA0, b"\x02\x01\x02"),
+        tlv(0xA0, b"\x02\x01\x02"),
         b"\x02\x01\x07",
         alg,
         name,
-        _tlv(0x30, _utc(now - 60) + _utc(now + 3600)),
+        tlv(0x30, _utc(now - 60) + _utc(now + 3600)),
         name,
         _spki(key),
     ]
     if extensions or ext_wrapper:
-        fields.append(ext_wrapper(exts) if ext_wrapper else _tlv(0xA3, _tlv(0x30, exts)))
-    tbs = _tlv(0x30, b"".join(fields))
+        fields.append(ext_wrapper(exts) if ext_wrapper else tlv(0xA3, tlv(0x30, exts)))
+    tbs = tlv(0x30, b"".join(fields))
     sig = (
         key.sign(tbs, ec.ECDSA(hashes.SHA256()))
         if is_ec
         else key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
     )
-    return _tlv(0x30, tbs + alg + _tlv(0x03, b"\x00" + sig))
+    return tlv(0x30, tbs + alg + tlv(0x03, b"\x00" + sig))
 
 
 def pem_of(der: bytes) -> str:
@@ -1238,10 +1217,10 @@ def test_verify_evidence_crafted_certificates(sim_platform, ratls_verifier, data
         else data.draw(
             st.sampled_from(
                 [
-                    lambda e: _tlv(0xA3, e),
-                    lambda e: _tlv(0xA3, b""),
-                    lambda e: _tlv(0xA3, _tlv(0x30, e) + b"\x05\x00"),
-                    lambda e: _tlv(0xA4, _tlv(0x30, e)),
+                    lambda e: tlv(0xA3, e),
+                    lambda e: tlv(0xA3, b""),
+                    lambda e: tlv(0xA3, tlv(0x30, e) + b"\x05\x00"),
+                    lambda e: tlv(0xA4, tlv(0x30, e)),
                 ]
             )
         )
@@ -1252,9 +1231,9 @@ def test_verify_evidence_crafted_certificates(sim_platform, ratls_verifier, data
         else data.draw(
             st.sampled_from(
                 [
-                    _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040309"))),
-                    _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040303"))),
-                    _tlv(0x30, _tlv(0x06, bytes.fromhex("2b6570"))),
+                    tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040309"))),
+                    tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040303"))),
+                    tlv(0x30, tlv(0x06, bytes.fromhex("2b6570"))),
                 ]
             )
         )
@@ -1377,7 +1356,7 @@ def test_dice_bignum_hash_alg_is_evidence_error(sim_platform, ratls_verifier):
 def test_unknown_signature_algorithm_is_evidence_error(ratls_verifier):
     """Regression: an unrecognised signatureAlgorithm OID raised cryptography's UnsupportedAlgorithm."""
     key = _keys()["p256"]
-    cert = signed_cert(key, [], sig_alg=_tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040309"))))
+    cert = signed_cert(key, [], sig_alg=tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040309"))))
     with pytest.raises(ratls.EvidenceError) as info:
         ratls.verify_evidence(cert, ratls_verifier)
     assert info.value.step == "certificate_signature"

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
+from der_writer import oid_raw, seq, tlv
 
 import attester
 import dcap
@@ -28,25 +29,7 @@ MR_SIGNER = bytes.fromhex("5e" * 32)
 OTHER_ENCLAVE = bytes.fromhex("77" * 32)
 
 # -------------------------------------------------------------------------------------------------
-# A tiny DER writer, independent of ratls, used to build certificates the way mbedtls/OpenSSL do.
-
-
-def tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
-
-
-def seq(*items: bytes) -> bytes:
-    return tlv(0x30, b"".join(items))
-
-
-def oid_raw(content: bytes) -> bytes:
-    return tlv(0x06, content)
+# Certificates built the way mbedtls/OpenSSL do, with the tests' own DER writer (tests/der.py).
 
 
 def extension(oid_content: bytes, value: bytes, critical: bool = False) -> bytes:

@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from der_writer import length as der_length
 
 import attester
 import dcap
@@ -76,18 +77,10 @@ def _ext_shape(ext_value: bytes) -> list[tuple[str, object]]:
         (oid_tag, oid), (val_tag, val) = _der_items(pair)
         assert oid_tag == 0x06
         if val_tag == 0x30:
-            shape.append((_oid_str(oid), _ext_shape(bytes([0x30]) + _len(val) + val)))
+            shape.append((_oid_str(oid), _ext_shape(bytes([0x30]) + der_length(len(val)) + val)))
         else:
             shape.append((_oid_str(oid), (val_tag, len(val) if val_tag == 0x04 else None)))
     return shape
-
-
-def _len(val: bytes) -> bytes:
-    n = len(val)
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
 
 
 def _sgx_ext(cert: x509.Certificate) -> bytes:
