@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from dcap_collateral import Collateral, CollateralError, CollateralUnavailable, crl_der, parse_json, utf8
+from dcap_collateral import iso_date as _iso
+from dcap_collateral import unix_now as _now
 from dcap_quote import (
     CERT_PCK_CHAIN,
     ECDSA_KEY_LEN,
@@ -114,17 +116,6 @@ _X509_ERRORS: tuple[type[Exception], ...] = (
     ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
 )
-
-
-def _now(now: int | None) -> int:
-    return int(time.time()) if now is None else int(now)
-
-
-def _iso(ts: int) -> str:
-    try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):
-        return f"unix {ts}"
 
 
 def _parse_date(value: object, name: str) -> int:

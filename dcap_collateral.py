@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from dcap_quote import DcapError
 
@@ -138,3 +140,16 @@ def crl_der(data: bytes) -> bytes:
         return bytes.fromhex(text.decode("ascii"))
     except (ValueError, UnicodeDecodeError):
         return data
+
+
+def unix_now(now: int | None) -> int:
+    """`now` as whole unix seconds; None is the current time (every `now=` parameter means this)."""
+    return int(time.time()) if now is None else int(now)
+
+
+def iso_date(ts: int) -> str:
+    """Unix seconds as the UTC date collateral uses ("2025-06-19T10:56:11Z"), for messages."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"unix {ts}"

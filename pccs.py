@@ -20,27 +20,17 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import dcap
 from dcap import collateral_key_name as _key_name
 from dcap_collateral import Collateral, CollateralError, CollateralUnavailable, crl_der, parse_json
+from dcap_collateral import iso_date as _iso
+from dcap_collateral import unix_now as _now
 from dcap_quote import DcapError
 
 _log = logging.getLogger("dcap.pccs")
-
-
-def _now(now: int | None) -> int:
-    return int(time.time()) if now is None else int(now)
-
-
-def _iso(ts: int) -> str:
-    try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):
-        return f"unix {ts}"
 
 
 

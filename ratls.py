@@ -86,41 +86,15 @@ class ReferenceValuesError(ValueError):
     """Reference values that cannot be used (raised at load time, naming the field)."""
 
 
-class VerifiedQuoteFields(Protocol):
-    """What verify_evidence reads from a verifier's answer about one genuine quote (dcap.VerifiedQuote
-    has these fields, and so must a TDX verifier's)."""
-
-    @property
-    def status(self) -> str: ...
-    @property
-    def advisory_ids(self) -> tuple[str, ...]: ...
-    @property
-    def mr_enclave(self) -> bytes: ...
-    @property
-    def mr_signer(self) -> bytes: ...
-    @property
-    def isv_prod_id(self) -> int: ...
-    @property
-    def isv_svn(self) -> int: ...
-    @property
-    def debug(self) -> bool: ...
-    @property
-    def attributes(self) -> bytes: ...
-    @property
-    def report_data(self) -> bytes: ...
-    @property
-    def collateral_expiry(self) -> int: ...
-
-
 class QuoteVerifier(Protocol):
     """The seam between RA-TLS and quote verification (dcap.Verifier implements it).
 
-    `verify` returns the verified quote's fields when the quote is genuine at `now`, and raises
+    `verify` returns the verified quote when it is genuine at `now`, and raises
     dcap.VerificationError (not genuine) or another dcap.DcapError (malformed quote, collateral
     unusable or unavailable) otherwise; verify_evidence turns either into EvidenceError.
     """
 
-    def verify(self, quote: bytes, *, now: int | None = None) -> VerifiedQuoteFields: ...
+    def verify(self, quote: bytes, *, now: int | None = None) -> dcap.VerifiedQuote: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,7 +356,7 @@ def _same_enclave(a: dcap_quote.Quote, b: dcap_quote.Quote) -> None:
 
 
 def _verify_quote(verifier: QuoteVerifier, quote: bytes, now: int | None,
-                  source: str) -> VerifiedQuoteFields:
+                  source: str) -> dcap.VerifiedQuote:
     try:
         return verifier.verify(quote, now=now)
     except dcap.VerificationError as e:

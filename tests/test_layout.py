@@ -167,3 +167,26 @@ def test_occlum_and_gramine_copy_exactly_the_enclave_side():
     template = (REPO / "asps_client.manifest.template").read_text()
     gramine = set(re.findall(r'"file:\{\{ asps_dir \}\}/(\w+)\.py"', template))
     assert gramine == ENCLAVE_MODULES | {"secretmanager_pb2", "secretmanager_pb2_grpc"}
+
+
+def test_verify_evidence_takes_a_declared_verifier_protocol():
+    """The seam is typed: verify_evidence names the QuoteVerifier Protocol, which dcap.Verifier meets."""
+    import inspect
+
+    import dcap
+    import ratls
+
+    assert inspect.signature(ratls.verify_evidence).parameters["verifier"].annotation == "QuoteVerifier"
+    declared = inspect.signature(ratls.QuoteVerifier.verify)
+    implemented = inspect.signature(dcap.Verifier.verify)
+    assert list(declared.parameters) == list(implemented.parameters) == ["self", "quote", "now"]
+    assert implemented.parameters["now"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_readme_how_it_fits_together_names_every_module():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## How it fits together"):readme.index("## Protocol")]
+    for name in sorted(set(top_level_modules()) - GENERATED):
+        assert f"`{name}.py`" in section, f"README 'How it fits together' does not place {name}.py"
+    for name in sorted(ENCLAVE_MODULES - GENERATED):
+        assert f"`{name}`" in section, f"README does not list {name} among what `import asps_client` loads"
