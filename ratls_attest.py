@@ -15,15 +15,16 @@ import datetime as _dt
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from attester import QuoteProvider, check_quote
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # --------------------------------------------------------------------------------------------------
 # Constants (formats are public facts; names are ours)
@@ -51,22 +52,6 @@ DEFAULT_KEY_TYPE = {"cczoo": "p256", "gramine": "p384"}  # Gramine generates SEC
 DEFAULT_VALIDITY_SECONDS = 3600
 MAX_VALIDITY_SECONDS = 7 * 24 * 3600  # a quote-carrying certificate is a short-lived credential
 CLOCK_SKEW_SECONDS = 60  # notBefore is back-dated this much so a verifier slightly behind still accepts
-
-# Subjects (and issuers: the certificates are self-signed) used by the two originals.
-_GRAMINE_NAME = x509.Name(
-    [  # mbedtls writes "CN=RATLS,O=GramineDevelopers,C=US" in string order
-        x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GramineDevelopers"),
-        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-    ]
-)
-_CCZOO_NAME = x509.Name(
-    [  # sgx_ra_tls_impl.cc adds C, O, CN in this order
-        x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Inc."),
-        x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
-    ]
-)
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -119,7 +104,23 @@ def _sign_hash(key: PrivateKey) -> hashes.HashAlgorithm:
     return hashes.SHA256()
 
 
+def _subject(fmt: str) -> x509.Name:
+    """The subject (and issuer: the certificates are self-signed) each original writes."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if fmt == "gramine":  # mbedtls writes "CN=RATLS,O=GramineDevelopers,C=US" in string order
+        attrs = ((NameOID.COMMON_NAME, "RATLS"), (NameOID.ORGANIZATION_NAME, "GramineDevelopers"),
+                 (NameOID.COUNTRY_NAME, "US"))
+    else:  # sgx_ra_tls_impl.cc adds C, O, CN in this order
+        attrs = ((NameOID.COUNTRY_NAME, "CN"), (NameOID.ORGANIZATION_NAME, "Intel Inc."),
+                 (NameOID.COMMON_NAME, "localhost"))
+    return x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])
+
+
 def cert_to_pem(cert_der: bytes) -> bytes:
+    from cryptography import x509  # see make_certificate
+
     return x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
 
 
@@ -158,6 +159,10 @@ def make_certificate(
     ``extra_report_data`` (<= 32 bytes) goes to report_data[32:64]; the rest stays zero.
     Returns (certificate DER, private key).
     """
+    # Imported here, not at the top: cryptography.x509 is most of `import asps_client`'s cold start
+    # (~50 ms), and an enclave makes one certificate per run, after its other work has started.
+    from cryptography import x509
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if (
@@ -177,8 +182,8 @@ def make_certificate(
         quote = _get_quote(provider, _report_data(pubkey_hash(public), extra_report_data))
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_CCZOO_NAME)
-            .issuer_name(_CCZOO_NAME)
+            .subject_name(_subject(fmt))
+            .issuer_name(_subject(fmt))
             .serial_number(1)
             .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_CCZOO_QUOTE), quote), False)
         )
@@ -189,8 +194,8 @@ def make_certificate(
         dice_quote = _get_quote(provider, _report_data(hashlib.sha256(claims).digest(), extra_report_data))
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_GRAMINE_NAME)
-            .issuer_name(_GRAMINE_NAME)
+            .subject_name(_subject(fmt))
+            .issuer_name(_subject(fmt))
             .serial_number(1)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
