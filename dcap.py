@@ -49,9 +49,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from dcap_collateral import Collateral, CollateralError, CollateralUnavailable, crl_der, parse_json, utf8
+from dcap_collateral import Collateral, CollateralError, CollateralUnavailable
+from dcap_collateral import crl_der as _crl_bytes
 from dcap_collateral import iso_date as _iso
+from dcap_collateral import parse_json as _parse_json
 from dcap_collateral import unix_now as _now
+from dcap_collateral import utf8 as _utf8
 from dcap_quote import (
     CERT_PCK_CHAIN,
     ECDSA_KEY_LEN,
@@ -552,7 +555,7 @@ class _Crl(NamedTuple):
 
 
 def _load_crl(der: bytes, piece: str) -> _Crl:
-    der = crl_der(der)
+    der = _crl_bytes(der)
     try:
         crl = x509.load_der_x509_crl(der)
         nu = crl.next_update_utc
@@ -604,7 +607,7 @@ def _check_crl(der: bytes, issuer: _Cert, piece: str) -> _VerifiedCrl:
 
 
 def _json_object(text: str, piece: str) -> dict:
-    d = parse_json(text, piece)
+    d = _parse_json(text, piece)
     if not isinstance(d, dict):
         raise CollateralError(f"{piece}: must be a JSON object")
     return d
@@ -801,7 +804,7 @@ def _check_signed_json(text: str, signature: bytes, chain_pem: str, root: _Cert,
     signer = _check_signing_chain(chain_pem, root, piece)
     if len(signature) != ECDSA_SIG_LEN:
         raise CollateralError(f"{piece}_signature: must be {ECDSA_SIG_LEN} bytes (r||s)")
-    if not _verify_ecdsa(signer.public_key, signature, utf8(text, piece)):
+    if not _verify_ecdsa(signer.public_key, signature, _utf8(text, piece)):
         raise VerificationError(f"{piece}_signature",
                                 f"{piece} signature does not verify under {signer.cn!r}")
     body = parse_tcb_info(text) if piece == "tcb_info" else parse_qe_identity(text)
