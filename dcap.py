@@ -77,8 +77,9 @@ _log.addHandler(logging.NullHandler())  # a library: the application decides whe
 # errors and constants
 # ---------------------------------------------------------------------------------------------------
 
-# DcapError (the base) and QuoteError come from dcap_quote, CollateralError and CollateralUnavailable
-# from dcap_collateral; this module raises them too, so callers may catch them as dcap.<name>.
+# DcapError (the base) comes from dcap_quote (so does QuoteError, for malformed quotes), CollateralError
+# and CollateralUnavailable from dcap_collateral; this module raises those three too, so callers may
+# catch them as dcap.<name>.
 
 
 class VerificationError(DcapError):
