@@ -3,9 +3,12 @@
     key pair -> RA-TLS certificate (quote binding the key) -> GetChallenge -> sign the transcript
     -> GetSecrets -> open the HPKE-sealed bundle with the private key
 
-It imports only ratls, dcap and the generated stubs, so copying asps_client.py, ratls.py,
-dcap.py, asps_pb2.py, asps_pb2_grpc.py (and secretmanager_pb2*.py for --legacy-cczoo) with the
-requirements into an Occlum or Gramine image is enough. Importable: `get_secrets(...)`.
+Who may import it: nothing in the project (it is the entry point); tests and embedders call
+`get_secrets(...)`.  It imports only the enclave side: asps_wire (the protocol), ratls_attest (the
+certificate), attester (the quote), dcap_quote (the format, through those) and the generated stubs,
+so copying exactly those files (ENCLAVE_FILES in tests/test_layout.py, the lists of
+build_occlum_instance.sh and asps_client.manifest.template) with the requirements into an Occlum or
+Gramine image is enough; no verifier, collateral, policy, KMS, simulator or server code travels.
 """
 
 from __future__ import annotations
@@ -13,14 +16,12 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import hashlib
 import ipaddress
 import json
 import os
 import socket
 import ssl
 import stat
-import struct
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,17 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives import hashes, hpke
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 import asps_pb2
 import asps_pb2_grpc
-import dcap
-import ratls
+import asps_wire
+import attester
+import ratls_attest
+from dcap_quote import DcapError
 
 # Protocol constants: see the README's "Protocol" section (the server has the same ones).
-TRANSCRIPT_LABEL = b"asps/v1 get-secrets"
-SEAL_INFO_LABEL = b"asps/v1 sealed-secrets"
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 MAX_REQUEST_BYTES = 256 * 1024
 SERVICE_NAME = "asps.v1.SecretProvision"
@@ -135,46 +134,12 @@ class Result:
 # --- protocol pieces (each also usable by clients embedding this module) -------------------------------
 
 
-def transcript(token: bytes, evidence_der: bytes, names: Sequence[str]) -> bytes:
-    """The signed bytes: label, u32be-length-prefixed token, SHA256(evidence DER), names."""
-    parts = [TRANSCRIPT_LABEL, struct.pack(">I", len(token)), token, hashlib.sha256(evidence_der).digest()]
-    parts.append(struct.pack(">I", len(names)))
-    for name in names:
-        raw = name.encode("utf-8")
-        parts += [struct.pack(">I", len(raw)), raw]
-    return b"".join(parts)
-
-
-def sign_transcript(private_key: Any, data: bytes) -> bytes:
-    if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        return private_key.sign(data, ec.ECDSA(hashes.SHA256()))
-    if isinstance(private_key, rsa.RSAPrivateKey):
-        return private_key.sign(
-            data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256()
-        )
-    raise ValueError("evidence key must be EC or RSA")
-
-
-def hpke_suite(private_key: Any) -> hpke.Suite:
-    if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        if isinstance(private_key.curve, ec.SECP256R1):
-            return hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-        if isinstance(private_key.curve, ec.SECP384R1):
-            return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
-    raise ValueError("only EC P-256 and P-384 evidence keys can receive sealed secrets")
-
-
 def open_bundle(private_key: Any, sealed: bytes, token: bytes) -> dict[str, bytes]:
+    """The secrets sealed to `private_key` for this exchange (asps_wire.open_sealed), or BadReply."""
     try:
-        plain = hpke_suite(private_key).decrypt(sealed, private_key, info=SEAL_INFO_LABEL + token)
-    except Exception as e:  # InvalidTag, truncated enc, ...: all mean the same to us
-        raise BadReply(
-            f"cannot open the sealed bundle ({type(e).__name__}): not sealed to this enclave's key"
-        ) from None
-    try:
-        return dict(asps_pb2.SecretBundle.FromString(plain).secrets)
-    except Exception:
-        raise BadReply("the sealed bundle is not a SecretBundle") from None
+        return asps_wire.open_sealed(None, private_key, sealed, token)
+    except asps_wire.OpenError as e:
+        raise BadReply(str(e)) from None
 
 
 # --- evidence -----------------------------------------------------------------------------------------
@@ -189,16 +154,16 @@ def make_evidence(
 ) -> Evidence:
     """A fresh key and RA-TLS certificate from the named (or detected) quote provider."""
     try:
-        prov = dcap.get_provider(provider, **provider_options)
-    except dcap.DcapError as e:
+        prov = attester.get_provider(provider, **provider_options)
+    except DcapError as e:
         raise NoEvidence(f"no quote provider: {e}") from None
     except ValueError as e:  # an option the provider does not know, e.g. the sim's TCB level
         raise UsageError(f"{provider} provider: {e}") from None
     if fmt is None:
         fmt = "gramine" if getattr(prov, "name", "") == "gramine" else "cczoo"
     try:
-        cert_der, key = ratls.make_certificate(prov, key_type=key_type, fmt=fmt)
-    except dcap.DcapError as e:
+        cert_der, key = ratls_attest.make_certificate(prov, key_type=key_type, fmt=fmt)
+    except DcapError as e:
         raise NoEvidence(f"quote generation failed: {e}") from None
     return Evidence(cert_der, key)
 
@@ -404,7 +369,8 @@ def _attest(
             ) from None
         raise _rpc_error(e, label, "GetChallenge") from None
     token = challenge.token
-    signature = sign_transcript(evidence.private_key, transcript(token, evidence.cert_der, names))
+    signature = asps_wire.sign_transcript(evidence.private_key,
+                                          asps_wire.transcript(token, evidence.cert_der, names))
     request = asps_pb2.SecretsRequest(
         evidence=evidence.cert_der, token=token, names=names, signature=signature
     )
@@ -579,7 +545,7 @@ def get_secret_legacy(
     channel = _channel(hosts, _read_ca(ca), server_name, lb)
     try:
         stub = secretmanager_pb2_grpc.SecretMangerStub(channel)
-        ctx = ratls.cert_to_pem(evidence.cert_der).decode("ascii")
+        ctx = ratls_attest.cert_to_pem(evidence.cert_der).decode("ascii")
         try:
             reply = stub.GetSecret(secretmanager_pb2.SecretRequest(key=key, ctx=ctx), timeout=timeout)
         except grpc.RpcError as e:

@@ -9,6 +9,8 @@ tested without gRPC:
 Every refusal is a `Refusal` carrying its kind, step and reason; `STATUS_OF` is the single table
 that turns a kind into a gRPC status, and `classify` the single place that turns another module's
 exception into a kind. One JSON audit line is written per decision, never with a secret value.
+
+Who may import it: nothing in the project (it is the tenant side's entry point); tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -48,25 +50,26 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, hpke, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import asps_pb2
 import asps_pb2_grpc
+import asps_wire
 import dcap
 import kms
+import pccs
 import policy as policy_mod
 import ratls
 import secretmanager_pb2
 import secretmanager_pb2_grpc
+from asps_wire import seal, transcript  # pipeline steps, as README lists them
 
 log = logging.getLogger("asps")
 audit_log = logging.getLogger("asps.audit")
 
-# --- protocol constants (README "Protocol"; asps_client.py repeats them, it cannot import us) ---
-TRANSCRIPT_LABEL = b"asps/v1 get-secrets"
-SEAL_INFO_LABEL = b"asps/v1 sealed-secrets"
+# --- protocol constants (README "Protocol"; transcript, suite, seal and open are asps_wire's) ---
 TOKEN_LABEL = b"asps/v1 token"
 TOKEN_VERSION = 1
 NONCE_BYTES = 16
@@ -350,19 +353,6 @@ def evidence_der(evidence: bytes) -> bytes:
         raise Refusal(Kind.BAD_INPUT, "evidence", "field 'evidence' is not an X.509 certificate") from None
 
 
-def transcript(
-    token: bytes, evidence: bytes, names: Sequence[str], *, evidence_digest: bytes | None = None
-) -> bytes:
-    """The bytes the client signs (evidence in DER; or give its SHA-256 as `evidence_digest`)."""
-    digest = hashlib.sha256(evidence).digest() if evidence_digest is None else evidence_digest
-    out = [TRANSCRIPT_LABEL, struct.pack(">I", len(token)), token, digest]
-    out.append(struct.pack(">I", len(names)))
-    for name in names:
-        raw = name.encode("utf-8")
-        out += [struct.pack(">I", len(raw)), raw]
-    return b"".join(out)
-
-
 def evidence_public_key(der: bytes) -> Any:
     """The certificate's public key, read without checking anything else."""
     try:
@@ -387,13 +377,9 @@ def check_signature(
         public_key = evidence_public_key(der)
     data = transcript(token, der, names, evidence_digest=der_digest)
     try:
-        if isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public_key, rsa.RSAPublicKey):
-            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-            public_key.verify(signature, data, pss, hashes.SHA256())
-        else:
-            raise Refusal(Kind.UNAUTHENTICATED, step, "evidence key type is not EC or RSA")
+        asps_wire.verify_transcript_signature(public_key, signature, data)
+    except asps_wire.UnsupportedKey as e:
+        raise Refusal(Kind.UNAUTHENTICATED, step, str(e)) from None
     except (InvalidSignature, ValueError):
         raise Refusal(Kind.UNAUTHENTICATED, step, "signature does not verify with the evidence key") from None
     return public_key
@@ -483,7 +469,7 @@ def _collateral_version(verifier: Any) -> Any:
     source only changes its collateral at nextUpdate, which the entry's expiry already covers."""
     source = getattr(verifier, "source", None)
     source = getattr(source, "source", source)  # CollateralWatch wraps the real source
-    if not isinstance(source, dcap.FileCollateralSource):
+    if not isinstance(source, pccs.FileCollateralSource):
         return None
     try:
         return source.get()
@@ -494,11 +480,9 @@ def _collateral_version(verifier: Any) -> Any:
 def sealing_suite(public_key: Any) -> hpke.Suite:
     """The HPKE suite for the evidence key; RSA keys cannot receive sealed secrets."""
     step = "sealing_key"
+    with contextlib.suppress(asps_wire.UnsupportedKey):
+        return asps_wire.hpke_suite(public_key)
     if isinstance(public_key, ec.EllipticCurvePublicKey):
-        if isinstance(public_key.curve, ec.SECP256R1):
-            return hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-        if isinstance(public_key.curve, ec.SECP384R1):
-            return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
         raise Refusal(
             Kind.BAD_INPUT, step, f"EC curve {public_key.curve.name} is not supported; use P-256 or P-384"
         )
@@ -564,19 +548,6 @@ def fetch(grant: Grant, metrics: NullMetrics | None = None) -> dict[str, bytes]:
     if metrics is not None:
         metrics.kms("ok", time.monotonic() - start)
     return values
-
-
-def seal(suite: hpke.Suite, public_key: Any, values: dict[str, bytes], token: bytes) -> bytes:
-    bundle = asps_pb2.SecretBundle(secrets=values).SerializeToString(deterministic=True)
-    return suite.encrypt(bundle, public_key, info=SEAL_INFO_LABEL + token)
-
-
-def open_sealed(suite: hpke.Suite, private_key: Any, sealed: bytes, token: bytes) -> dict[str, bytes]:
-    """The client's inverse of `seal` (used by tests; asps_client.py has its own copy)."""
-    bundle = asps_pb2.SecretBundle.FromString(
-        suite.decrypt(sealed, private_key, info=SEAL_INFO_LABEL + token)
-    )
-    return dict(bundle.secrets)
 
 
 # --- the pipeline, without gRPC -----------------------------------------------------------------------
@@ -1303,7 +1274,7 @@ class CollateralWatch:
         self.source = source
         self._clock = clock
         # a file is one bundle for every platform; a PCCS has one per (FMSPC, CA type)
-        self._per_platform = not isinstance(source, dcap.FileCollateralSource)
+        self._per_platform = not isinstance(source, pccs.FileCollateralSource)
         self._lock = threading.Lock()
         self._last: dict[tuple[bytes, str], Any] = {}
         self._expiry: dict[tuple[bytes, str], int] = {}
@@ -1758,10 +1729,10 @@ def build_verifier(config: ServerConfig) -> dcap.Verifier:
             config.root_ca,
         )
     try:
-        source = dcap.open_collateral_source(config.collateral, pccs_url(config.pccs))
+        source = pccs.open_collateral_source(config.collateral, pccs_url(config.pccs))
     except dcap.DcapError as e:
         raise StartupError(f"collateral: {e}") from None
-    if isinstance(source, dcap.PccsCollateralSource):
+    if isinstance(source, pccs.PccsCollateralSource):
         source.timeout = PCCS_FETCH_TIMEOUT
     return dcap.Verifier(CollateralWatch(source), root_ca=root)
 

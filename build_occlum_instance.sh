@@ -17,8 +17,9 @@
 #   conda create --prefix ./python-occlum -y python=3.11
 #   ./python-occlum/bin/python3 -m pip install -r requirements.txt
 #
-# Inside the client image: /bin/{asps_client.py, ratls.py, dcap.py, asps_pb2*.py,
-# intel_sgx_root_ca.der, requirements.txt} and /etc/asps/ca.crt (the server CA to pin).
+# Inside the client image: the enclave side only, /bin/{asps_client.py, asps_wire.py,
+# ratls_attest.py, attester.py, dcap_quote.py, asps_pb2*.py, requirements.txt} (exactly what
+# `import asps_client` loads: tests/test_layout.py checks it) and /etc/asps/ca.crt (the server CA).
 # Inside the server image: the server modules in /bin and /etc/asps/{ca.crt, server.crt,
 # server.key, policy_vault.json} with the files the policy names (ca_file, secrets_file).
 # Run them with ./run.sh server|client; host files are under /host (the instance directory).
@@ -69,9 +70,9 @@ OCCLUM_USER_SPACE_SIZE="${OCCLUM_USER_SPACE_SIZE:-640MB}"
 OCCLUM_KERNEL_HEAP_SIZE="${OCCLUM_KERNEL_HEAP_SIZE:-64MB}"
 OCCLUM_MAX_THREADS="${OCCLUM_MAX_THREADS:-64}"
 MEASURE_WITH="${MEASURE_WITH:-auto}"
-ASPS_CLIENT_FILES="${ASPS_CLIENT_FILES:-asps_client.py ratls.py dcap.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
-ASPS_SERVER_FILES="${ASPS_SERVER_FILES:-asps_server.py ratls.py dcap.py policy.py kms.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
-# Copied when present: the providers' temporary module and the legacy cczoo stubs.
+ASPS_CLIENT_FILES="${ASPS_CLIENT_FILES:-asps_client.py asps_wire.py ratls_attest.py attester.py dcap_quote.py asps_pb2.py asps_pb2_grpc.py requirements.txt}"
+ASPS_SERVER_FILES="${ASPS_SERVER_FILES:-asps_server.py asps_wire.py ratls.py ratls_attest.py attester.py dcap.py dcap_quote.py dcap_collateral.py pccs.py policy.py kms.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
+# Copied when present: the legacy cczoo stubs.
 OPTIONAL_CLIENT_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"
 OPTIONAL_SERVER_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"
 # Looked up at run time by glibc (dlopen), so copy_bom's dependency analysis cannot find them.

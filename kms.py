@@ -25,6 +25,8 @@ refused (403/400/404) again, to any node. One ``get`` is bounded by the agent's 
 References are ``"mount/path/to/secret#field"``; the field defaults to ``key`` because the original
 cczoo write_secrets.sh stored every secret as ``key=<value>``. For KV v2 the reference is the
 logical path (as ``vault kv get`` takes it), without ``data/``.
+
+Who may import it: the tenant side (policy, asps_server) and tests; it imports no other project module.
 """
 
 from __future__ import annotations

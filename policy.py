@@ -12,6 +12,8 @@ isv_prod_id, min_isv_svn, allow_debug, allowed_tcb_statuses, refused/accepted ad
 
 `"kms": "none"` (alias `"json"`) carries the secret values inline, or, with a top-level
 `"secrets_file"`, names keys of that JSON file. Keys named `"_comment"` are allowed anywhere.
+
+Who may import it: the tenant side (asps_server) and tests.
 """
 
 from __future__ import annotations

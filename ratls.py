@@ -1,6 +1,10 @@
-"""RA-TLS evidence: certificates carrying SGX DCAP quotes, their verification, and appraisal.
+"""RA-TLS reading: certificates carrying SGX DCAP quotes, their verification, and appraisal.
 
-Three certificate shapes are made and read:
+Who may import it: the tenant side (asps_server, policy) and command lines; never the enclave side,
+which makes certificates with ratls_attest and needs none of this.  It verifies through any
+QuoteVerifier (dcap.Verifier is one) and knows certificates, not collateral.
+
+Three certificate shapes are read (the first two are made by ratls_attest):
 
 * ``cczoo``: confidential-computing-zoo gRPC RA-TLS. Extension 1.2.840.113741.1 holds the raw quote;
   report_data[0:32] = SHA256(DER SubjectPublicKeyInfo).
@@ -37,62 +41,37 @@ from typing import Any, Protocol
 import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID
 
 import dcap
+import dcap_quote
+from ratls_attest import (
+    CBOR_TAG_SGX_QUOTE,
+    CLAIM_PUBKEY_HASH,
+    DEFAULT_VALIDITY_SECONDS,
+    FORMATS,
+    IANA_HASHES,
+    KEY_TYPES,
+    OID_CCZOO_QUOTE,
+    OID_GRAMINE_QUOTE,
+    OID_GRAMINE_QUOTE_MISENCODED,
+    OID_TCG_DICE_TAGGED_EVIDENCE,
+    PublicKey,
+    cert_to_pem,
+    key_to_pem,
+    make_certificate,
+    pubkey_hash,
+    spki_der,
+)
 
 # --------------------------------------------------------------------------------------------------
-# Constants (formats are public facts; names are ours)
-
-OID_CCZOO_QUOTE = "1.2.840.113741.1"
-OID_GRAMINE_QUOTE = "1.2.840.113741.1337.6"
-# ra_tls.h's NON_STANDARD_INTEL_SGX_QUOTE_OID is {06 09 2A 86 48 86 F8 4D 8A 39 06}: the tag and length
-# of 1.2.840.113741.1337.6 are part of the OID's content bytes, so parsers read this OID instead.
-OID_GRAMINE_QUOTE_MISENCODED = "0.6.9.42.840.113741.1337.6"
-OID_TCG_DICE_TAGGED_EVIDENCE = "2.23.133.5.4.9"
-
-CBOR_TAG_SGX_QUOTE = 60000  # TCG_DICE_TAGGED_EVIDENCE_TEE_QUOTE_CBOR_TAG (ra_tls_common.h)
-CLAIM_PUBKEY_HASH = "pubkey-hash"
-# IANA "Named Information Hash Algorithm Registry" ids, as accepted by Gramine's verifier.
-IANA_HASH_SHA256 = 1
-_IANA_HASHES: dict[int, Callable[[bytes], Any]] = {
-    1: hashlib.sha256,
-    7: hashlib.sha384,
-    8: hashlib.sha512,
-}
-
-FORMATS = ("cczoo", "gramine")
-KEY_TYPES = ("p256", "p384", "rsa3072")
-DEFAULT_KEY_TYPE = {"cczoo": "p256", "gramine": "p384"}  # Gramine generates SECP384R1 keys
-DEFAULT_VALIDITY_SECONDS = 3600
-MAX_VALIDITY_SECONDS = 7 * 24 * 3600  # a quote-carrying certificate is a short-lived credential
-CLOCK_SKEW_SECONDS = 60  # notBefore is back-dated this much so a verifier slightly behind still accepts
-
-# Subjects (and issuers: the certificates are self-signed) used by the two originals.
-_GRAMINE_NAME = x509.Name(
-    [  # mbedtls writes "CN=RATLS,O=GramineDevelopers,C=US" in string order
-        x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GramineDevelopers"),
-        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-    ]
-)
-_CCZOO_NAME = x509.Name(
-    [  # sgx_ra_tls_impl.cc adds C, O, CN in this order
-        x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Intel Inc."),
-        x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
-    ]
-)
+# Constants (the certificate formats' are ratls_attest's)
 
 TCB_UP_TO_DATE = "UpToDate"
 TCB_REVOKED = "Revoked"
 # Statuses a policy may opt in to. Revoked is deliberately absent: it can never be allowed.
 ALLOWABLE_TCB_STATUSES = tuple(s for s in dcap.TCB_STATUSES if s != TCB_REVOKED)
-
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 class EvidenceError(Exception):
@@ -107,8 +86,15 @@ class ReferenceValuesError(ValueError):
     """Reference values that cannot be used (raised at load time, naming the field)."""
 
 
-class QuoteProvider(Protocol):
-    def get_quote(self, report_data: bytes) -> bytes: ...
+class QuoteVerifier(Protocol):
+    """The seam between RA-TLS and quote verification (dcap.Verifier implements it).
+
+    `verify` returns the verified quote when it is genuine at `now`, and raises
+    dcap.VerificationError (not genuine) or another dcap.DcapError (malformed quote, collateral
+    unusable or unavailable) otherwise; verify_evidence turns either into EvidenceError.
+    """
+
+    def verify(self, quote: bytes, *, now: int | None = None) -> dcap.VerifiedQuote: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,151 +137,6 @@ def raw_extensions(tbs: bytes) -> list[RawExtension]:
             oid = dcap.oid_dotted(tbs[parts[0][1] : parts[0][2]])
             exts.append(RawExtension(oid, critical, tbs[parts[-1][1] : parts[-1][2]]))
     return exts
-
-
-# --------------------------------------------------------------------------------------------------
-# Key and certificate helpers
-
-
-def generate_key(key_type: str) -> PrivateKey:
-    """A fresh private key of the named type; it never leaves the process unless the caller saves it."""
-    if key_type == "p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type == "p384":
-        return ec.generate_private_key(ec.SECP384R1())
-    if key_type == "rsa3072":
-        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    raise ValueError(f"unknown key type {key_type!r} (expected one of {', '.join(KEY_TYPES)})")
-
-
-def spki_der(public_key: PublicKey) -> bytes:
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    return public_key.public_bytes(serialization.Encoding.DER, fmt)
-
-
-def pubkey_hash(public_key: PublicKey) -> bytes:
-    """SHA256 of the DER SubjectPublicKeyInfo: what report_data (or the DICE claim) carries."""
-    return hashlib.sha256(spki_der(public_key)).digest()
-
-
-def dice_claims(public_key: PublicKey) -> bytes:
-    """Serialized claims map {"pubkey-hash": bstr(serialized [1, sha256(SPKI)])}, as Gramine writes it."""
-    hash_entry = cbor2.dumps([IANA_HASH_SHA256, pubkey_hash(public_key)])
-    return cbor2.dumps({CLAIM_PUBKEY_HASH: hash_entry})
-
-
-def dice_evidence(quote: bytes, claims: bytes) -> bytes:
-    """CBOR tag 60000 wrapping [quote, claims], both byte strings."""
-    return cbor2.dumps(cbor2.CBORTag(CBOR_TAG_SGX_QUOTE, [quote, claims]))
-
-
-def _report_data(first32: bytes, extra: bytes) -> bytes:
-    if len(extra) > 32:
-        raise ValueError("extra_report_data is at most 32 bytes")
-    return first32 + extra + bytes(32 - len(extra))
-
-
-def _sign_hash(key: PrivateKey) -> hashes.HashAlgorithm:
-    # Gramine signs with SHA256 whatever the curve (mbedtls_x509write_crt_set_md_alg(SHA256)).
-    return hashes.SHA256()
-
-
-def cert_to_pem(cert_der: bytes) -> bytes:
-    return x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
-
-
-def key_to_pem(key: PrivateKey) -> bytes:
-    """Unencrypted PKCS#8 PEM (callers store it with mode 0600)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def load_key_pem(data: bytes) -> PrivateKey:
-    key = serialization.load_pem_private_key(data, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise ValueError("unsupported private key type")
-    return key
-
-
-def _get_quote(provider: QuoteProvider, report_data: bytes) -> bytes:
-    quote = provider.get_quote(report_data)
-    try:
-        parsed = dcap.parse_quote(quote)
-    except dcap.QuoteError as e:
-        raise dcap.ProviderError(f"provider returned an unparsable quote: {e}") from e
-    if parsed.report.report_data != report_data:
-        raise dcap.ProviderError("provider returned a quote for different report_data")
-    return quote
-
-
-def make_certificate(
-    provider: QuoteProvider,
-    *,
-    key_type: str | None = None,
-    fmt: str = "cczoo",
-    validity_seconds: int = DEFAULT_VALIDITY_SECONDS,
-    extra_report_data: bytes = b"",
-    now: int | None = None,
-    key: PrivateKey | None = None,
-) -> tuple[bytes, PrivateKey]:
-    """Make a key (unless given) and a self-signed certificate carrying a quote that binds it.
-
-    ``key_type`` defaults to p256 for cczoo and p384 (Gramine's curve) for gramine.
-    ``extra_report_data`` (<= 32 bytes) goes to report_data[32:64]; the rest stays zero.
-    Returns (certificate DER, private key).
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if (
-        isinstance(validity_seconds, bool)
-        or not isinstance(validity_seconds, int)
-        or not 0 < validity_seconds <= MAX_VALIDITY_SECONDS
-    ):
-        raise ValueError(f"validity_seconds must be 1..{MAX_VALIDITY_SECONDS}")
-    if key is None:
-        key = generate_key(key_type or DEFAULT_KEY_TYPE[fmt])
-    public = key.public_key()
-    issued = int(time.time()) if now is None else int(now)
-    not_before = _dt.datetime.fromtimestamp(issued - CLOCK_SKEW_SECONDS, _dt.UTC)
-    not_after = _dt.datetime.fromtimestamp(issued + validity_seconds, _dt.UTC)
-
-    if fmt == "cczoo":
-        quote = _get_quote(provider, _report_data(pubkey_hash(public), extra_report_data))
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_CCZOO_NAME)
-            .issuer_name(_CCZOO_NAME)
-            .serial_number(1)
-            .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_CCZOO_QUOTE), quote), False)
-        )
-    else:
-        # Two quotes, as ra_tls_attest.c: legacy (report_data = hash(SPKI)) and DICE (= hash(claims)).
-        legacy_quote = _get_quote(provider, _report_data(pubkey_hash(public), extra_report_data))
-        claims = dice_claims(public)
-        dice_quote = _get_quote(provider, _report_data(hashlib.sha256(claims).digest(), extra_report_data))
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_GRAMINE_NAME)
-            .issuer_name(_GRAMINE_NAME)
-            .serial_number(1)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), False)
-            .add_extension(
-                x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_GRAMINE_QUOTE_MISENCODED), legacy_quote),
-                False,
-            )
-            .add_extension(
-                x509.UnrecognizedExtension(
-                    x509.ObjectIdentifier(OID_TCG_DICE_TAGGED_EVIDENCE), dice_evidence(dice_quote, claims)
-                ),
-                False,
-            )
-        )
-    builder = builder.public_key(public).not_valid_before(not_before).not_valid_after(not_after)
-    cert = builder.sign(key, _sign_hash(key))
-    return cert.public_bytes(serialization.Encoding.DER), key
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,18 +319,18 @@ def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
     if not isinstance(entry, list | tuple) or len(entry) != 2:
         raise EvidenceError("dice_evidence", f'"{CLAIM_PUBKEY_HASH}" is not [hash-alg-id, hash]')
     alg, digest = entry
-    if isinstance(alg, bool) or not isinstance(alg, int) or alg not in _IANA_HASHES:
+    if isinstance(alg, bool) or not isinstance(alg, int) or alg not in IANA_HASHES:
         # never repr() a decoded bignum: past 4300 digits int -> str itself raises ValueError
         shown = repr(alg) if isinstance(alg, int) and abs(alg) < 1 << 64 else type(alg).__name__
         raise EvidenceError("dice_evidence", f"unsupported hash-alg-id {shown} (expected 1, 7 or 8)")
-    expected = _IANA_HASHES[alg](spki).digest()
+    expected = IANA_HASHES[alg](spki).digest()
     if not isinstance(digest, bytes) or len(digest) != len(expected):
         raise EvidenceError("dice_evidence", f"pubkey-hash value is not a {len(expected)}-byte string")
     if digest != expected:
         raise EvidenceError("binding", "DICE claims carry the hash of another public key")
 
 
-def _check_binding(ev: _Evidence, quote: dcap.Quote, spki: bytes) -> None:
+def _check_binding(ev: _Evidence, quote: dcap_quote.Quote, spki: bytes) -> None:
     """report_data[0:32] commits to this certificate's key (directly, or via the DICE claims)."""
     rd = quote.report.report_data
     if ev.claims is None:
@@ -503,7 +344,7 @@ def _check_binding(ev: _Evidence, quote: dcap.Quote, spki: bytes) -> None:
     _claimed_key_hash(ev.claims, spki)
 
 
-def _same_enclave(a: dcap.Quote, b: dcap.Quote) -> None:
+def _same_enclave(a: dcap_quote.Quote, b: dcap_quote.Quote) -> None:
     """Gramine's two quotes must come from one enclave on one platform; only report_data may differ."""
     if a.header != b.header:
         raise EvidenceError("gramine_consistency", "legacy and DICE quotes have different headers")
@@ -514,7 +355,8 @@ def _same_enclave(a: dcap.Quote, b: dcap.Quote) -> None:
         raise EvidenceError("gramine_consistency", "legacy and DICE quotes have different attestation keys")
 
 
-def _verify_quote(verifier: Any, quote: bytes, now: int | None, source: str) -> Any:
+def _verify_quote(verifier: QuoteVerifier, quote: bytes, now: int | None,
+                  source: str) -> dcap.VerifiedQuote:
     try:
         return verifier.verify(quote, now=now)
     except dcap.VerificationError as e:
@@ -527,7 +369,7 @@ def _timestamp(d: _dt.datetime) -> int:
     return int(d.timestamp())
 
 
-def verify_evidence(cert: bytes | str, verifier: Any, *, now: int | None = None) -> Identity:
+def verify_evidence(cert: bytes | str, verifier: QuoteVerifier, *, now: int | None = None) -> Identity:
     """Check that the certificate carries a genuine quote binding its own key; return the identity.
 
     The certificate's validity dates are not checked here (see ``ReferenceValues.appraise``).
@@ -542,11 +384,11 @@ def verify_evidence(cert: bytes | str, verifier: Any, *, now: int | None = None)
     evidence: list[_Evidence] = []
     for source, value in found:
         evidence.append(_parse_dice(value) if source == "dice" else _Evidence(source, value))
-    quotes: list[dcap.Quote] = []
+    quotes: list[dcap_quote.Quote] = []
     for ev in evidence:
         try:
-            quotes.append(dcap.parse_quote(ev.quote))
-        except dcap.QuoteError as e:
+            quotes.append(dcap_quote.parse_quote(ev.quote))
+        except dcap_quote.QuoteError as e:
             raise EvidenceError("quote_parse", f"{ev.source} quote: {e}") from e
     for ev, q in zip(evidence, quotes, strict=True):
         _check_binding(ev, q, spki)
@@ -879,8 +721,10 @@ def _cmd_make(args: argparse.Namespace) -> int:
             options["mr_enclave"] = args.mr_enclave
         if args.mr_signer is not None:
             options["mr_signer"] = args.mr_signer
+    import attester  # the CLI's `make` is the enclave side's job: loaded only for it
+
     try:
-        provider = dcap.get_provider(args.provider, **options)
+        provider = attester.get_provider(args.provider, **options)
         cert_der, key = make_certificate(
             provider, key_type=args.key_type, fmt=args.format, validity_seconds=args.validity
         )
@@ -929,8 +773,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 2
     now = args.now
     identity: Identity | None = None
+    import pccs  # collateral sources: loaded only for the CLI's `verify`
+
     try:
-        source = dcap.open_collateral_source(args.collateral, args.pccs)
+        source = pccs.open_collateral_source(args.collateral, args.pccs)
         root = dcap.load_root_ca(args.root_ca)
         verifier = dcap.Verifier(source, root_ca=root)
         identity = verify_evidence(cert, verifier, now=now)

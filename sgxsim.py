@@ -1,5 +1,9 @@
 """A simulated SGX DCAP platform: a test PKI shaped like Intel's, signed collateral, and real quotes.
 
+Who may import it: tests, benchmarks, the demo, and attester.get_provider("sim") (only when asked
+for, never in an enclave).  It imports only the quote format (dcap_quote) and the collateral bundle
+(dcap_collateral), and the X.509 library: never the verifier it exists to exercise.
+
 FOR TESTS AND DEMOS ONLY.  Machines here have no SGX, yet every layer above the quote (RA-TLS, the
 secret service, the appraisal) needs genuine-looking evidence to exercise its real code paths.  This
 module generates, once per directory, an ECDSA P-256 certificate hierarchy laid out like Intel's
@@ -42,7 +46,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-import dcap
+import dcap_quote
+from dcap_collateral import Collateral
 
 # ---------------------------------------------------------------------------------------------------
 # constants
@@ -379,7 +384,7 @@ class SimPlatform:
         self.root_ca_pem: bytes = state["certs"]["root"].encode()
         self.root_ca_der: bytes = self._certs["root"].public_bytes(serialization.Encoding.DER)
         self._chains: dict[tuple[str, str], bytes] = {}
-        self._collateral_cache: dict[str, dcap.Collateral] = {}
+        self._collateral_cache: dict[str, Collateral] = {}
         self._collateral_expiry = 0  # earliest nextUpdate of the cached bundle
 
     # -- creation / reuse ---------------------------------------------------------------------------
@@ -423,24 +428,24 @@ class SimPlatform:
         path = self.directory / "collateral.json"
         if path.exists():
             try:
-                coll = dcap.Collateral.from_json(path.read_text())
+                coll = Collateral.from_json(path.read_text())
                 expiry = self._bundle_expiry(coll)
                 if expiry > now + REFRESH_MARGIN and self._signed_by_us(coll):
                     self._collateral_cache["processor"] = coll
                     self._collateral_expiry = expiry
                     return
-            except (dcap.DcapError, ValueError, KeyError):
+            except (dcap_quote.DcapError, ValueError, KeyError):
                 pass  # unreadable or foreign: replace it
         coll = self.build_collateral(issue=now - BACKDATE)
         _write(path, coll.to_json().encode())
         self._collateral_cache["processor"] = coll
         self._collateral_expiry = self._bundle_expiry(coll)
 
-    def _signed_by_us(self, coll: dcap.Collateral) -> bool:
+    def _signed_by_us(self, coll: Collateral) -> bool:
         return self.tcb_signing_chain_pem() == coll.tcb_info_issuer_chain
 
     @staticmethod
-    def _bundle_expiry(coll: dcap.Collateral) -> int:
+    def _bundle_expiry(coll: Collateral) -> int:
         ends = [json.loads(coll.tcb_info)["nextUpdate"], json.loads(coll.qe_identity)["nextUpdate"]]
         stamps = [_iso_to_ts(e) for e in ends]
         for crl_der in (coll.root_ca_crl, coll.pck_crl):
@@ -516,7 +521,7 @@ class SimPlatform:
 
     # -- collateral ---------------------------------------------------------------------------------
 
-    def collateral(self, *, tcb: str = "UpToDate", ca: str = "processor") -> dcap.Collateral:
+    def collateral(self, *, tcb: str = "UpToDate", ca: str = "processor") -> Collateral:
         """The current collateral bundle.  One bundle serves every TCB level (the TCB info lists them
         all); `tcb` is accepted so callers can say which quote they mean.  `ca` picks the PCK CRL."""
         _level(tcb)
@@ -617,7 +622,7 @@ class SimPlatform:
                          tcb_info: dict[str, Any] | str | None = None,
                          qe_identity: dict[str, Any] | str | None = None,
                          revoked_pck_serials: Iterable[int] = (), revoked_ca_serials: Iterable[int] = (),
-                         root_ca_crl: bytes | None = None, pck_crl: bytes | None = None) -> dcap.Collateral:
+                         root_ca_crl: bytes | None = None, pck_crl: bytes | None = None) -> Collateral:
         """Freshly signed collateral; every piece can be replaced, and each replacement is signed too.
 
         Defaults: everything issued at `issue` (default: now minus an hour) and valid for `validity`.
@@ -635,7 +640,7 @@ class SimPlatform:
         if pck_crl is None:
             pck_crl = self.make_crl(ca, revoked=revoked_pck_serials, this_update=issue, next_update=nxt)
         chain = self.tcb_signing_chain_pem()
-        return dcap.Collateral(
+        return Collateral(
             pck_crl_issuer_chain=self.pck_crl_issuer_chain_pem(ca), root_ca_crl=root_ca_crl, pck_crl=pck_crl,
             tcb_info_issuer_chain=chain, tcb_info=tcb_text, tcb_info_signature=tcb_sig,
             qe_identity_issuer_chain=chain, qe_identity=qe_text, qe_identity_signature=qe_sig)
@@ -646,9 +651,9 @@ class SimPlatform:
                    mr_signer: bytes = DEFAULT_MR_SIGNER, attributes: bytes | None = None, debug: bool = False,
                    isv_prod_id: int = 0, isv_svn: int = 0, tcb: str = "UpToDate", version: int = 3,
                    ca: str = "processor", qe_svn: int = QE_SVN_UP_TO_DATE,
-                   qe_vendor_id: bytes = dcap.INTEL_QE_VENDOR_ID, qe_auth_data: bytes = QE_AUTH_DATA,
+                   qe_vendor_id: bytes = dcap_quote.INTEL_QE_VENDOR_ID, qe_auth_data: bytes = QE_AUTH_DATA,
                    pck_chain: bytes | None = None, qe_report_overrides: dict[str, Any] | None = None,
-                   attestation_key_type: int = dcap.ATT_KEY_ECDSA_P256) -> bytes:
+                   attestation_key_type: int = dcap_quote.ATT_KEY_ECDSA_P256) -> bytes:
         """A genuine ECDSA quote (v3 or v4, certification data type 5) signed by this platform.
 
         The QE report is signed by the PCK leaf key of the chosen TCB level and binds the attestation
@@ -662,7 +667,7 @@ class SimPlatform:
             raise ValueError("report_data must be exactly 64 bytes")
         if len(mr_enclave) != 32 or len(mr_signer) != 32:
             raise ValueError("mr_enclave and mr_signer must be 32 bytes")
-        if version not in (dcap.SGX_QUOTE_V3, dcap.SGX_QUOTE_V4):
+        if version not in (dcap_quote.SGX_QUOTE_V3, dcap_quote.SGX_QUOTE_V4):
             raise ValueError("version must be 3 or 4")
         level = _level(tcb)
         ca = _ca(ca)
@@ -673,8 +678,9 @@ class SimPlatform:
             attrs[0] |= DEBUG_FLAG
         att_key = self._keys["attestation"]
         att_pub = _raw_public_key(att_key)
-        header = dcap.QuoteHeader(
-            version=version, attestation_key_type=attestation_key_type, tee_type=dcap.TEE_SGX, qe_svn=qe_svn,
+        header = dcap_quote.QuoteHeader(
+            version=version, attestation_key_type=attestation_key_type, tee_type=dcap_quote.TEE_SGX,
+            qe_svn=qe_svn,
             pce_svn=level.pce_svn, qe_vendor_id=qe_vendor_id,
             user_data=hashlib.sha256(self.ppid).digest()[:16] + bytes(4))
         report = _report_body(cpu_svn=level.cpu_svn, attributes=bytes(attrs), mr_enclave=mr_enclave,
@@ -691,28 +697,28 @@ class SimPlatform:
         qe_sig = raw_signature(self._keys[f"pck_{level.name}"], qe_report.to_bytes())
         chain = pck_chain if pck_chain is not None else self.pck_chain_pem(level.name, ca)
         signed = header.to_bytes() + report.to_bytes()
-        signature = dcap.QuoteSignatureData(
+        signature = dcap_quote.QuoteSignatureData(
             isv_signature=raw_signature(att_key, signed), attestation_key=att_pub, qe_report=qe_report,
             qe_report_signature=qe_sig, qe_auth_data=qe_auth_data,
             # Real quotes end the PEM chain with a NUL byte (a C string); so do we.
-            certification_data=dcap.CertificationData(dcap.CERT_PCK_CHAIN, chain + b"\x00"))
-        return dcap.Quote(header, report, signature).to_bytes()
+            certification_data=dcap_quote.CertificationData(dcap_quote.CERT_PCK_CHAIN, chain + b"\x00"))
+        return dcap_quote.Quote(header, report, signature).to_bytes()
 
     def resign_quote(self, raw: bytes) -> bytes:
         """Re-sign header || report body of an (edited) quote with the attestation key, so an edit to
         the header (version, key type, TEE type, vendor) meets the check it targets, not the ISV
         signature.  Works on bytes only: the edited quote need not be parseable."""
-        signed_len = dcap.HEADER_LEN + dcap.REPORT_BODY_LEN
+        signed_len = dcap_quote.HEADER_LEN + dcap_quote.REPORT_BODY_LEN
         sig_at = signed_len + 4
-        if len(raw) < sig_at + dcap.ECDSA_SIG_LEN:
+        if len(raw) < sig_at + dcap_quote.ECDSA_SIG_LEN:
             raise ValueError("quote too short to re-sign")
         sig = raw_signature(self._keys["attestation"], raw[:signed_len])
-        return raw[:sig_at] + sig + raw[sig_at + dcap.ECDSA_SIG_LEN:]
+        return raw[:sig_at] + sig + raw[sig_at + dcap_quote.ECDSA_SIG_LEN:]
 
 
 def _report_body(*, cpu_svn: bytes, attributes: bytes, mr_enclave: bytes, mr_signer: bytes, isv_prod_id: int,
-                 isv_svn: int, report_data: bytes, misc_select: int = 0) -> dcap.ReportBody:
-    return dcap.ReportBody(
+                 isv_svn: int, report_data: bytes, misc_select: int = 0) -> dcap_quote.ReportBody:
+    return dcap_quote.ReportBody(
         cpu_svn=cpu_svn, misc_select=misc_select, reserved1=bytes(12), isv_ext_prod_id=bytes(16),
         attributes=attributes, mr_enclave=mr_enclave, reserved2=bytes(32), mr_signer=mr_signer,
         reserved3=bytes(32), config_id=bytes(64), isv_prod_id=isv_prod_id, isv_svn=isv_svn, config_svn=0,
@@ -798,7 +804,7 @@ def _generate_state(now: int) -> dict[str, Any]:
 
 
 class SimProvider:
-    """dcap.QuoteProvider over a SimPlatform: what `get_provider("sim", ...)` returns."""
+    """attester.QuoteProvider over a SimPlatform: what `get_provider("sim", ...)` returns."""
 
     name = "sim"
 
@@ -815,10 +821,10 @@ class SimProvider:
 
     def get_quote(self, report_data: bytes) -> bytes:
         if not isinstance(report_data, bytes | bytearray) or len(report_data) != 64:
-            raise dcap.ProviderError("report_data must be exactly 64 bytes")
+            raise dcap_quote.ProviderError("report_data must be exactly 64 bytes")
         try:
             return self.platform.make_quote(bytes(report_data), mr_enclave=self.mr_enclave,
                                             mr_signer=self.mr_signer, isv_prod_id=self.isv_prod_id,
                                             isv_svn=self.isv_svn, debug=self.debug, tcb=self.tcb)
-        except (ValueError, dcap.QuoteError) as exc:
-            raise dcap.ProviderError(f"sim quote generation failed: {exc}") from None
+        except (ValueError, dcap_quote.QuoteError) as exc:
+            raise dcap_quote.ProviderError(f"sim quote generation failed: {exc}") from None

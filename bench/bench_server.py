@@ -70,6 +70,7 @@ def _caller(
     import asps_client
     import asps_pb2
     import asps_pb2_grpc
+    import asps_wire
 
     keys = [(der, serialization.load_pem_private_key(pem, None)) for der, pem in spec.evidence]
     open_key = serialization.load_pem_private_key(spec.open_key, None) if spec.open_key else None
@@ -83,7 +84,7 @@ def _caller(
     def once(i: int) -> None:
         der, key = keys[i % len(keys)]
         token = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=30).token
-        sig = asps_client.sign_transcript(key, asps_client.transcript(token, der, names))
+        sig = asps_wire.sign_transcript(key, asps_wire.transcript(token, der, names))
         reply = stub.GetSecrets(
             asps_pb2.SecretsRequest(evidence=der, token=token, names=names, signature=sig), timeout=30
         )

@@ -28,6 +28,7 @@ import dcap_qvl  # noqa: E402
 
 import dcap  # noqa: E402
 import sgxsim  # noqa: E402
+from dcap_collateral import Collateral  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "samples" / "intel-sgx-v3"
 
@@ -44,7 +45,7 @@ def median_us(fn: Callable[[], object], n: int) -> float:
     return statistics.median(samples) / 1000
 
 
-def bench_case(name: str, quote: bytes, coll: dcap.Collateral, root_der: bytes, now: int, n: int) -> dict:
+def bench_case(name: str, quote: bytes, coll: Collateral, root_der: bytes, now: int, n: int) -> dict:
     verifier = dcap.Verifier(coll, root_ca=root_der)
     ours = verifier.verify(quote, now=now)
     qvl_coll = dcap_qvl.QuoteCollateralV3.from_json(coll.to_json())
@@ -73,7 +74,7 @@ def main() -> None:
     expected = json.loads((SAMPLE / "expected.json").read_text())
     rows.append(bench_case(
         "intel-sgx-v3 (real)", (SAMPLE / "quote.bin").read_bytes(),
-        dcap.Collateral.from_json((SAMPLE / "collateral.json").read_text()),
+        Collateral.from_json((SAMPLE / "collateral.json").read_text()),
         (SAMPLE / "Intel_SGX_Root_CA.der").read_bytes(), expected["now"], args.n))
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         plat = sgxsim.SimPlatform.init(tmp)

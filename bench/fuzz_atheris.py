@@ -37,8 +37,11 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports():
     import dcap
+    import dcap_quote
     import policy
     import ratls
+    import ratls_attest
+    from dcap_collateral import Collateral
 
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -51,7 +54,7 @@ def _seeds(pattern: str) -> list[bytes]:
 
 def _sample_case() -> tuple[bytes, dcap.Verifier, int]:
     d = SAMPLES / "intel-sgx-v3"
-    coll = dcap.Collateral.from_json((d / "collateral.json").read_text())
+    coll = Collateral.from_json((d / "collateral.json").read_text())
     now = json.loads((d / "expected.json").read_text())["now"]
     return (d / "quote.bin").read_bytes(), dcap.Verifier(coll), now
 
@@ -85,8 +88,8 @@ def target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
     if name == "quote":
 
         def run(data: bytes) -> None:
-            with contextlib.suppress(dcap.QuoteError):
-                dcap.parse_quote(data)
+            with contextlib.suppress(dcap_quote.QuoteError):
+                dcap_quote.parse_quote(data)
 
         return run, _seeds("**/quote.bin")
     if name == "verify":
@@ -101,13 +104,13 @@ def target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
 
         def run(data: bytes) -> None:
             with contextlib.suppress(dcap.CollateralError):
-                dcap.Collateral.from_json(data)
+                Collateral.from_json(data)
 
         return run, _seeds("**/collateral.json")
     if name == "tcb":
         seeds = []
         for text in _seeds("**/collateral.json"):
-            c = dcap.Collateral.from_json(text)
+            c = Collateral.from_json(text)
             seeds += [c.tcb_info.encode(), c.qe_identity.encode()]
 
         def run(data: bytes) -> None:
@@ -120,14 +123,16 @@ def target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
     if name in ("evidence", "dice"):
         plat, verifier = _sim()
         key = ec.generate_private_key(ec.SECP256R1())
-        oid = ratls.OID_CCZOO_QUOTE if name == "evidence" else ratls.OID_TCG_DICE_TAGGED_EVIDENCE
-        spki_hash = ratls.pubkey_hash(key.public_key())
+        oid = (ratls_attest.OID_CCZOO_QUOTE if name == "evidence"
+               else ratls_attest.OID_TCG_DICE_TAGGED_EVIDENCE)
+        spki_hash = ratls_attest.pubkey_hash(key.public_key())
         if name == "evidence":
             seeds = [plat.make_quote(spki_hash + bytes(32))]
         else:
-            claims = ratls.dice_claims(key.public_key())
+            claims = ratls_attest.dice_claims(key.public_key())
             seeds = [
-                ratls.dice_evidence(plat.make_quote(hashlib.sha256(claims).digest() + bytes(32)), claims)
+                ratls_attest.dice_evidence(plat.make_quote(hashlib.sha256(claims).digest() + bytes(32)),
+                                           claims)
             ]
 
         def run(data: bytes) -> None:

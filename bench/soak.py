@@ -45,6 +45,7 @@ import grpc  # noqa: E402
 import asps_client  # noqa: E402
 import asps_pb2  # noqa: E402
 import asps_pb2_grpc  # noqa: E402
+import asps_wire  # noqa: E402
 
 
 def attest_once(
@@ -53,7 +54,7 @@ def attest_once(
     """One attestation; "OK", the gRPC status name of a refusal, or "BAD_REPLY"."""
     try:
         token = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=timeout).token
-        sig = asps_client.sign_transcript(ev.private_key, asps_client.transcript(token, ev.cert_der, names))
+        sig = asps_wire.sign_transcript(ev.private_key, asps_wire.transcript(token, ev.cert_der, names))
         req = asps_pb2.SecretsRequest(evidence=ev.cert_der, token=token, names=names, signature=sig)
         reply = stub.GetSecrets(req, timeout=timeout)
     except grpc.RpcError as e:

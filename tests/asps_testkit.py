@@ -29,7 +29,8 @@ import asps_client
 import asps_pb2
 import asps_pb2_grpc
 import asps_server
-import ratls
+import asps_wire
+import ratls_attest
 import sgxsim
 
 ENCLAVE_1 = sgxsim.DEFAULT_MR_ENCLAVE
@@ -252,8 +253,8 @@ class Client:
     ) -> tuple[asps_pb2.SecretsRequest, bytes]:
         token = self.challenge() if token is None else token
         names = list(names)
-        sig = asps_client.sign_transcript(
-            signer or ev.private_key, asps_client.transcript(token, ev.cert_der, names)
+        sig = asps_wire.sign_transcript(
+            signer or ev.private_key, asps_wire.transcript(token, ev.cert_der, names)
         )
         req = asps_pb2.SecretsRequest(
             evidence=ev.cert_der if evidence_bytes is None else evidence_bytes,
@@ -277,7 +278,7 @@ class Client:
 def forged_certificate(quote_cert_der: bytes, other_key: Any) -> bytes:
     """A certificate carrying the quote of `quote_cert_der` but another key (self-signed by it)."""
     cert = x509.load_der_x509_certificate(quote_cert_der)
-    ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ratls.OID_CCZOO_QUOTE))
+    ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ratls_attest.OID_CCZOO_QUOTE))
     builder = (
         x509.CertificateBuilder()
         .subject_name(cert.subject)

@@ -30,7 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import dcap
+import dcap_quote
 import sgxsim
+from dcap_collateral import Collateral
 
 NOW = int(time.time())
 ISSUE = NOW - sgxsim.BACKDATE
@@ -38,7 +40,7 @@ END = ISSUE + sgxsim.COLLATERAL_VALIDITY
 DAY = 86400
 
 # Offsets inside a v3 quote with the sim's 32-byte QE auth data.
-H, R = dcap.HEADER_LEN, dcap.REPORT_BODY_LEN
+H, R = dcap_quote.HEADER_LEN, dcap_quote.REPORT_BODY_LEN
 ISV_SIG = H + R + 4
 ATT_KEY = ISV_SIG + 64
 QE_REPORT = ATT_KEY + 64
@@ -66,7 +68,7 @@ class Outcome:
 class Case:
     name: str
     quote: bytes
-    collateral: dcap.Collateral
+    collateral: Collateral
     now: int = NOW
     expect: str = "reject"  # "reject" or the status both must report
     advisories: frozenset[str] | None = None  # when given, the advisory IDs both must report
@@ -145,10 +147,10 @@ def split_pems(chain: bytes | str) -> list[bytes]:
     return [p + end for p in raw.split(end) if p.strip(b"\x00\n")]
 
 
-def with_coll(coll: dcap.Collateral, **changes: object) -> dcap.Collateral:
+def with_coll(coll: Collateral, **changes: object) -> Collateral:
     d = {k: getattr(coll, k) for k in coll.__dataclass_fields__}
     d.update(changes)
-    return dcap.Collateral(**d)  # type: ignore[arg-type]
+    return Collateral(**d)  # type: ignore[arg-type]
 
 
 def tcb_info_with(plat: sgxsim.SimPlatform, **changes: object) -> dict[str, object]:
@@ -328,7 +330,7 @@ def build_cases(plat: sgxsim.SimPlatform, other: sgxsim.SimPlatform) -> list[Cas
     q = plat.make_quote(rd)
     cases: list[Case] = []
 
-    def add(name: str, quote: bytes, collateral: dcap.Collateral | None = None, **kw: object) -> None:
+    def add(name: str, quote: bytes, collateral: Collateral | None = None, **kw: object) -> None:
         cases.append(Case(name, quote, collateral if collateral is not None else coll, **kw))  # type: ignore[arg-type]
 
     # -- genuine quotes at every TCB level, both PCK CAs --------------------------------------------
@@ -381,7 +383,8 @@ def build_cases(plat: sgxsim.SimPlatform, other: sgxsim.SimPlatform) -> list[Cas
     add("qe_report_data_not_binding_key", plat.make_quote(rd, qe_report_overrides={"report_data": bytes(64)}))
     add("qe_report_data_upper_half_nonzero", plat.make_quote(
         rd, qe_report_overrides={"report_data": hashlib.sha256(
-            dcap.parse_quote(q).signature.attestation_key + sgxsim.QE_AUTH_DATA).digest() + b"\x01" * 32}),
+            dcap_quote.parse_quote(q).signature.attestation_key + sgxsim.QE_AUTH_DATA).digest()
+            + b"\x01" * 32}),
         expect="UpToDate")
     add("qe_auth_data_16_bytes", plat.make_quote(rd, qe_auth_data=bytes(16)))
     add("qe_auth_data_empty", plat.make_quote(rd, qe_auth_data=b""))
@@ -476,11 +479,11 @@ def build_cases(plat: sgxsim.SimPlatform, other: sgxsim.SimPlatform) -> list[Cas
         with_coll(coll, pck_crl_issuer_chain=other.pck_crl_issuer_chain_pem()))
 
     # -- TCB info ------------------------------------------------------------------------------------
-    def signed_tcb(info: dict[str, object] | str, key: str = "tcb_signing") -> dcap.Collateral:
+    def signed_tcb(info: dict[str, object] | str, key: str = "tcb_signing") -> Collateral:
         text, sig = plat.sign_json(info, key=key)
         return with_coll(coll, tcb_info=text, tcb_info_signature=sig)
 
-    def signed_qe(ident: dict[str, object] | str, key: str = "tcb_signing") -> dcap.Collateral:
+    def signed_qe(ident: dict[str, object] | str, key: str = "tcb_signing") -> Collateral:
         text, sig = plat.sign_json(ident, key=key)
         return with_coll(coll, qe_identity=text, qe_identity_signature=sig)
 
@@ -638,7 +641,7 @@ def test_real_dcap_samples_agree(samples_dir, case_name):
     case_dir = samples_dir / "real-dcap" / case_name
     expected = json.loads((case_dir / "expected.json").read_text())
     quote = (case_dir / "quote.bin").read_bytes()
-    coll = dcap.Collateral.from_json((case_dir / "collateral.json").read_text())
+    coll = Collateral.from_json((case_dir / "collateral.json").read_text())
     root = (samples_dir / "real-dcap" / "IntelSGXRootCA.der").read_bytes()
     times = [expected["now"], expected["future_now"]]
     times += [b["now"] for b in expected.get("boundary_checks", []) if not b.get("reference_specific")]
@@ -670,7 +673,7 @@ def test_real_sample_agrees(samples_dir):
     case_dir = samples_dir / "intel-sgx-v3"
     expected = json.loads((case_dir / "expected.json").read_text())
     quote = (case_dir / "quote.bin").read_bytes()
-    coll = dcap.Collateral.from_json((case_dir / "collateral.json").read_text())
+    coll = Collateral.from_json((case_dir / "collateral.json").read_text())
     root = (case_dir / "Intel_SGX_Root_CA.der").read_bytes()
     for now, expect in ((expected["now"], expected["status"]), (expected["now_after_expiry"], "reject")):
         case = Case("real", quote, coll, now=now, expect=expect)

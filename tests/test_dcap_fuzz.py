@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dcap
+import dcap_quote
+from dcap_collateral import Collateral
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 QUOTES = [*sorted(SAMPLES.glob("real-dcap/*/quote.bin")), SAMPLES / "intel-sgx-v3" / "quote.bin"]
@@ -18,16 +20,16 @@ REAL = [p.read_bytes() for p in QUOTES]
 TDX = [p.read_bytes() for p in sorted(SAMPLES.glob("real-dcap/tdx/*/quote.bin"))]
 V3 = SAMPLES / "intel-sgx-v3"
 V3_QUOTE = (V3 / "quote.bin").read_bytes()
-V3_COLL = dcap.Collateral.from_json((V3 / "collateral.json").read_text())
+V3_COLL = Collateral.from_json((V3 / "collateral.json").read_text())
 V3_NOW = json.loads((V3 / "expected.json").read_text())["now"]
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def parse_only_quote_error(data: bytes) -> dcap.Quote | None:
+def parse_only_quote_error(data: bytes) -> dcap_quote.Quote | None:
     try:
-        q = dcap.parse_quote(data)
-    except dcap.QuoteError:
+        q = dcap_quote.parse_quote(data)
+    except dcap_quote.QuoteError:
         return None
     assert q.to_bytes() == data  # anything accepted round-trips exactly
     return q

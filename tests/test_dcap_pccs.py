@@ -23,6 +23,8 @@ from asps_testkit import HttpStandIn, send_reply
 from openbao import free_port
 
 import dcap
+import pccs
+from dcap_collateral import Collateral
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO.parent / "shared" / "samples"
@@ -32,7 +34,7 @@ API = "/sgx/certification/v4"
 class Pccs:
     """Serves one collateral bundle per FMSPC; records every request path."""
 
-    def __init__(self, bundles: dict[str, tuple[dcap.Collateral, str]]) -> None:
+    def __init__(self, bundles: dict[str, tuple[Collateral, str]]) -> None:
         self.bundles = bundles  # fmspc hex -> (collateral, ca)
         self.requests: list[str] = []
         self.fail_with: int | None = None
@@ -67,7 +69,7 @@ class Pccs:
         self.server.shutdown()
         self.server.server_close()
 
-    def any_bundle(self) -> dcap.Collateral:
+    def any_bundle(self) -> Collateral:
         return next(iter(self.bundles.values()))[0]
 
     def answer(self, path: str) -> tuple[int, bytes, dict[str, str]]:
@@ -108,11 +110,11 @@ class Pccs:
         return 404, b"", {}
 
 
-def case(name: str) -> tuple[bytes, dcap.Collateral, dict]:
+def case(name: str) -> tuple[bytes, Collateral, dict]:
     path = SAMPLES / "real-dcap" / name if (SAMPLES / "real-dcap" / name).is_dir() else SAMPLES / name
     return (
         (path / "quote.bin").read_bytes(),
-        dcap.Collateral.from_json((path / "collateral.json").read_text()),
+        Collateral.from_json((path / "collateral.json").read_text()),
         json.loads((path / "expected.json").read_text()),
     )
 
@@ -127,7 +129,7 @@ def zk():
 
 def test_warm_verification_makes_no_request(zk):
     server, quote, coll, exp = zk
-    source = dcap.PccsCollateralSource(server.url, timeout=5)
+    source = pccs.PccsCollateralSource(server.url, timeout=5)
     v = dcap.Verifier(source)
     r = v.verify(quote, now=exp["now"])
     assert r.status == exp["status"] and set(r.advisory_ids) == set(exp["advisory_ids"])
@@ -145,7 +147,7 @@ def test_warm_verification_makes_no_request(zk):
 
 def test_next_update_is_honoured(zk):
     server, quote, coll, exp = zk
-    source = dcap.PccsCollateralSource(server.url + API + "/")  # base with the API prefix works too
+    source = pccs.PccsCollateralSource(server.url + API + "/")  # base with the API prefix works too
     fmspc = bytes.fromhex(exp["fmspc"])
     source.get(fmspc, "processor", exp["now"])
     assert len(server.requests) == 4
@@ -168,7 +170,7 @@ def test_exact_signed_json_is_cut_out_of_spaced_bodies(zk):
     server, quote, _, exp = zk
     server.spaced = True
     server.root_crl_hex = False  # DER root CA CRL, as Intel PCS serves it
-    r = dcap.Verifier(dcap.PccsCollateralSource(server.url)).verify(quote, now=exp["now"])
+    r = dcap.Verifier(pccs.PccsCollateralSource(server.url)).verify(quote, now=exp["now"])
     assert r.status == exp["status"]
 
 
@@ -176,7 +178,7 @@ def test_platform_ca_case():
     quote, coll, exp = case("signal-svr2-00606a-2026")
     server = Pccs({exp["fmspc"].lower(): (coll, "platform")})
     try:
-        r = dcap.Verifier(dcap.PccsCollateralSource(server.url)).verify(quote, now=exp["now"])
+        r = dcap.Verifier(pccs.PccsCollateralSource(server.url)).verify(quote, now=exp["now"])
         assert r.status == exp["status"] and r.pck_ca == "platform"
         assert any("ca=platform" in p for p in server.requests)
     finally:
@@ -194,12 +196,12 @@ def test_http_errors(zk):
     ):
         server.fail_with = code
         with pytest.raises(error, match=str(code)):
-            dcap.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
+            pccs.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
     server.fail_with = None
     with pytest.raises(dcap.CollateralError, match="404"):
-        dcap.PccsCollateralSource(server.url).get(b"\x01" * 6, "processor", exp["now"])
+        pccs.PccsCollateralSource(server.url).get(b"\x01" * 6, "processor", exp["now"])
     with pytest.raises(dcap.CollateralError, match="CA type"):
-        dcap.PccsCollateralSource(server.url).get(fmspc, "nonsense", exp["now"])
+        pccs.PccsCollateralSource(server.url).get(fmspc, "nonsense", exp["now"])
 
 
 def test_garbage_is_a_collateral_error(zk):
@@ -207,16 +209,16 @@ def test_garbage_is_a_collateral_error(zk):
     fmspc = bytes.fromhex(exp["fmspc"])
     server.garbage = True
     with pytest.raises(dcap.CollateralError, match="TCB info"):
-        dcap.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
+        pccs.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
     server.garbage = False
     server.drop_header = True
     with pytest.raises(dcap.CollateralError, match="TCB-Info-Issuer-Chain"):
-        dcap.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
+        pccs.PccsCollateralSource(server.url).get(fmspc, "processor", exp["now"])
 
 
 def test_server_down_is_unavailable_quickly(zk):
     _, quote, _, exp = zk
-    source = dcap.PccsCollateralSource(f"http://127.0.0.1:{free_port()}", timeout=2)
+    source = pccs.PccsCollateralSource(f"http://127.0.0.1:{free_port()}", timeout=2)
     start = time.monotonic()
     with pytest.raises(dcap.CollateralUnavailable, match="unreachable"):
         dcap.Verifier(source).verify(quote, now=exp["now"])
@@ -227,7 +229,7 @@ def test_silent_server_times_out():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)  # accepts connections (kernel backlog) but never answers
-        source = dcap.PccsCollateralSource(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
+        source = pccs.PccsCollateralSource(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
         start = time.monotonic()
         with pytest.raises(dcap.CollateralUnavailable):
             source.get(b"\0" * 6, "processor", 0)
@@ -276,17 +278,17 @@ def test_file_source_rereads_changed_file(tmp_path):
     _quote, coll, _exp = case("intel-sgx-v3")
     path = tmp_path / "c.json"
     path.write_text(coll.to_json())
-    src = dcap.FileCollateralSource(path)
+    src = pccs.FileCollateralSource(path)
     assert src.get(b"", "processor", 0) == coll
     other = case("zkdcap-00906ed5-2025")[1]
     path.write_text(other.to_json() + "\n")
     assert src.get(b"", "processor", 0) == other
     with pytest.raises(dcap.CollateralUnavailable, match="cannot read"):
-        dcap.FileCollateralSource(tmp_path / "missing.json").get(b"", "processor", 0)
-    assert isinstance(dcap.open_collateral_source(str(path), None), dcap.FileCollateralSource)
-    assert isinstance(dcap.open_collateral_source(None, "http://x"), dcap.PccsCollateralSource)
+        pccs.FileCollateralSource(tmp_path / "missing.json").get(b"", "processor", 0)
+    assert isinstance(pccs.open_collateral_source(str(path), None), pccs.FileCollateralSource)
+    assert isinstance(pccs.open_collateral_source(None, "http://x"), pccs.PccsCollateralSource)
     with pytest.raises(dcap.DcapError):
-        dcap.open_collateral_source(None, None)
+        pccs.open_collateral_source(None, None)
 
 
 # --- bounds: size of one answer, time of one whole fetch --------------------------------------------
@@ -325,7 +327,7 @@ def test_oversized_answer_without_length_is_refused_while_reading():
     server = Streamer(b"{" * (1 << 16), 1024)
     try:
         with pytest.raises(dcap.CollateralError, match=r"/tcb is longer than the 2097152 bytes allowed"):
-            dcap.PccsCollateralSource(server.url, timeout=10).fetch(b"\0" * 6, "processor")
+            pccs.PccsCollateralSource(server.url, timeout=10).fetch(b"\0" * 6, "processor")
         time.sleep(0.2)
         assert server.sent < 32 << 20, f"the client read on: the server sent {server.sent} bytes"
     finally:
@@ -336,14 +338,14 @@ def test_max_response_is_configurable_and_compressed_answers_are_refused():
     server = Streamer(b"x" * 1000, 3)
     try:
         with pytest.raises(dcap.CollateralError, match="longer than the 2000 bytes"):
-            dcap.PccsCollateralSource(server.url, max_response=2000).fetch(b"\0" * 6, "processor")
+            pccs.PccsCollateralSource(server.url, max_response=2000).fetch(b"\0" * 6, "processor")
     finally:
         server.close()
     # identity is asked for, so what is counted is what arrives: no decompression bomb
     server = Streamer(b"\x1f\x8b" + bytes(100), 1, {"Content-Encoding": "gzip"})
     try:
         with pytest.raises(dcap.CollateralError, match="Content-Encoding 'gzip'"):
-            dcap.PccsCollateralSource(server.url).fetch(b"\0" * 6, "processor")
+            pccs.PccsCollateralSource(server.url).fetch(b"\0" * 6, "processor")
     finally:
         server.close()
 
@@ -354,10 +356,10 @@ def test_timeout_bounds_the_whole_fetch(zk):
     server, _quote, coll, exp = zk
     fmspc = bytes.fromhex(exp["fmspc"])
     server.delay = 0.4
-    assert dcap.PccsCollateralSource(server.url, timeout=3).fetch(fmspc, "processor") == coll
+    assert pccs.PccsCollateralSource(server.url, timeout=3).fetch(fmspc, "processor") == coll
     start = time.monotonic()
     with pytest.raises(dcap.CollateralUnavailable, match=r"/sgx/certification/v4/(pckcrl|rootcacrl)"):
-        dcap.PccsCollateralSource(server.url, timeout=1.0).fetch(fmspc, "processor")
+        pccs.PccsCollateralSource(server.url, timeout=1.0).fetch(fmspc, "processor")
     assert time.monotonic() - start < 1.3
 
 
@@ -393,7 +395,7 @@ def test_hanging_pccs_gets_one_fetch_from_16_concurrent_verifications(zk):
     server, quote, _, exp = zk
     server.gate.clear()
     timeout = 2.0
-    source = dcap.PccsCollateralSource(server.url, timeout=timeout, retry_after=0)
+    source = pccs.PccsCollateralSource(server.url, timeout=timeout, retry_after=0)
     verifier = dcap.Verifier(source)
     results = concurrently(16, lambda: verifier.verify(quote, now=exp["now"]))
     assert all(isinstance(out, dcap.CollateralUnavailable) for _, out in results), results
@@ -407,7 +409,7 @@ def test_hanging_pccs_gets_one_fetch_from_16_concurrent_verifications(zk):
 def test_slow_pccs_serves_16_concurrent_callers_with_one_fetch(zk):
     server, _quote, coll, exp = zk
     server.delay = 0.25  # one fetch: ~1 s
-    source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=0)
+    source = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=0)
     fmspc = bytes.fromhex(exp["fmspc"])
     results = concurrently(16, lambda: source.get(fmspc, "processor", exp["now"]))
     assert all(out == coll for _, out in results), results
@@ -420,7 +422,7 @@ def test_failed_fetch_is_not_retried_within_retry_after(zk):
     request; after it the source asks again and, the PCCS being back, succeeds."""
     server, quote, coll, exp = zk
     fmspc = bytes.fromhex(exp["fmspc"])
-    source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=1.0)
+    source = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=1.0)
     server.fail_with = 503
     with pytest.raises(dcap.CollateralUnavailable, match="HTTP 503"):
         source.get(fmspc, "processor", exp["now"])
@@ -445,7 +447,7 @@ def test_back_off_keeps_the_error_class_and_never_hides_fresh_or_serves_expired(
     never is; retry_after=0 asks every time."""
     server, _quote, coll, exp = zk
     fmspc = bytes.fromhex(exp["fmspc"])
-    source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+    source = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=30)
     assert source.get(fmspc, "processor", exp["now"]) == coll
     assert len(server.requests) == 4
     past = dcap.collateral_next_update(coll) + 1
@@ -460,7 +462,7 @@ def test_back_off_keeps_the_error_class_and_never_hides_fresh_or_serves_expired(
         source.get(fmspc, "processor", past)  # expired: not served, and still backing off
     assert len(server.requests) == 5
     server.fail_with = 500
-    eager = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=0)
+    eager = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=0)
     for _ in range(2):
         with pytest.raises(dcap.CollateralUnavailable, match="HTTP 500"):
             eager.get(fmspc, "processor", exp["now"])
@@ -523,7 +525,7 @@ def test_a_process_that_logs_sees_the_root_warning_once(tmp_path, capsys, caplog
 # --- an answer that does not verify is not kept until its (unverified) nextUpdate ----------------
 
 
-def flip_tcb_signature(c: dcap.Collateral) -> dcap.Collateral:
+def flip_tcb_signature(c: Collateral) -> Collateral:
     sig = bytearray(c.tcb_info_signature)
     sig[10] ^= 0x01
     return dataclasses.replace(c, tcb_info_signature=bytes(sig))
@@ -538,7 +540,7 @@ def test_a_poisoned_answer_is_dropped_backed_off_and_refetched(sim_platform):
     good = sim.collateral()
     server = Pccs({sim.fmspc.hex(): (flip_tcb_signature(good), "processor")})
     try:
-        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=1.0)
+        source = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=1.0)
         verifier = dcap.Verifier(source, root_ca=sim.root_ca_der)
         quote = sim.make_quote(bytes(64))
         with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature: .*dropped") as err:
@@ -578,7 +580,7 @@ def test_discard_keeps_a_newer_answer_fetched_meanwhile(sim_platform):
     bad = flip_tcb_signature(sim.build_collateral(issue=now - 3600, validity=3600 + 60))  # nextUpdate now+60
     server = Pccs({sim.fmspc.hex(): (bad, "processor")})
     try:
-        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+        source = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=30)
         b = source.get(sim.fmspc, "processor", now)
         server.bundles = {sim.fmspc.hex(): (sim.collateral(), "processor")}
         c = source.get(sim.fmspc, "processor", now + 120)  # B expired in the cache: refreshed
@@ -604,7 +606,7 @@ class Watching:
         self.source = source
         self.lookups = 0
 
-    def get(self, fmspc: bytes, ca: str, now: int | None = None) -> dcap.Collateral:
+    def get(self, fmspc: bytes, ca: str, now: int | None = None) -> Collateral:
         self.lookups += 1
         return self.source.get(fmspc, ca, now)
 
@@ -613,7 +615,7 @@ def test_a_wrapped_source_is_told_too(sim_platform):
     sim = sim_platform
     server = Pccs({sim.fmspc.hex(): (flip_tcb_signature(sim.collateral()), "processor")})
     try:
-        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+        source = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=30)
         verifier = dcap.Verifier(Watching(source), root_ca=sim.root_ca_der)
         quote = sim.make_quote(bytes(64))
         with pytest.raises(dcap.CollateralUnavailable, match=r"^tcb_info_signature"):
@@ -631,7 +633,7 @@ def test_file_source_is_unaffected(sim_platform, tmp_path):
     sim = sim_platform
     path = tmp_path / "collateral.json"
     path.write_text(flip_tcb_signature(sim.collateral()).to_json())
-    source = dcap.FileCollateralSource(path)
+    source = pccs.FileCollateralSource(path)
     verifier = dcap.Verifier(source, root_ca=sim.root_ca_der)
     quote = sim.make_quote(bytes(64))
     for _ in range(2):
@@ -652,7 +654,7 @@ def test_a_revoked_pck_ca_condemns_the_platform_not_the_collateral(sim_platform)
     revoked = sim.build_collateral(issue=now - 60, revoked_ca_serials=[sim.serial("processor_ca")])
     server = Pccs({sim.fmspc.hex(): (revoked, "processor")})
     try:
-        source = dcap.PccsCollateralSource(server.url, timeout=5, retry_after=30)
+        source = pccs.PccsCollateralSource(server.url, timeout=5, retry_after=30)
         verifier = dcap.Verifier(source, root_ca=sim.root_ca_der)
         quote = sim.make_quote(bytes(64))
         for _ in range(2):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import dcap
+import dcap_quote
+from dcap_collateral import Collateral
 
 # Field names a QuoteError message may start with (the message names the field).
 FIELD_PREFIXES = (
@@ -39,9 +41,9 @@ def v3(samples_dir) -> bytes:
     return (samples_dir / "intel-sgx-v3" / "quote.bin").read_bytes()
 
 
-def assert_quote_error(data: bytes, *fragments: str) -> dcap.QuoteError:
-    with pytest.raises(dcap.QuoteError) as info:
-        dcap.parse_quote(data)
+def assert_quote_error(data: bytes, *fragments: str) -> dcap_quote.QuoteError:
+    with pytest.raises(dcap_quote.QuoteError) as info:
+        dcap_quote.parse_quote(data)
     msg = str(info.value)
     assert msg.startswith(FIELD_PREFIXES), msg
     for f in fragments:
@@ -50,7 +52,7 @@ def assert_quote_error(data: bytes, *fragments: str) -> dcap.QuoteError:
 
 
 def v4_bytes(
-    q: dcap.Quote, *, outer_type: int = 6, inner_type: int | None = None, extra_inner: bytes = b""
+    q: dcap_quote.Quote, *, outer_type: int = 6, inner_type: int | None = None, extra_inner: bytes = b""
 ) -> bytes:
     """Assemble an SGX v4 quote by hand from the parts of a parsed v3 one (independent of to_bytes)."""
     s = q.signature
@@ -76,23 +78,23 @@ def v4_bytes(
 def test_every_real_sgx_quote_round_trips(real_quotes, samples_dir):
     assert len(real_quotes) >= 10
     for name, raw in real_quotes.items():
-        q = dcap.parse_quote(raw)
+        q = dcap_quote.parse_quote(raw)
         assert q.to_bytes() == raw, name
         assert q.raw == raw
-        assert q.header.version == dcap.SGX_QUOTE_V3
-        assert q.header.tee_type == dcap.TEE_SGX
-        assert q.header.attestation_key_type == dcap.ATT_KEY_ECDSA_P256
-        assert q.header.qe_vendor_id == dcap.INTEL_QE_VENDOR_ID
+        assert q.header.version == dcap_quote.SGX_QUOTE_V3
+        assert q.header.tee_type == dcap_quote.TEE_SGX
+        assert q.header.attestation_key_type == dcap_quote.ATT_KEY_ECDSA_P256
+        assert q.header.qe_vendor_id == dcap_quote.INTEL_QE_VENDOR_ID
         assert q.signature.certification_data.type == 5
         assert b"-----BEGIN CERTIFICATE-----" in q.signature.certification_data.data
         assert q.signed_bytes == raw[:432]
-        assert dcap.ReportBody.from_bytes(q.report.to_bytes()) == q.report
+        assert dcap_quote.ReportBody.from_bytes(q.report.to_bytes()) == q.report
 
 
 def test_report_fields_match_expected(samples_dir):
     for case in sgx_cases(samples_dir):
         exp = json.loads((case / "expected.json").read_text())
-        q = dcap.parse_quote((case / "quote.bin").read_bytes())
+        q = dcap_quote.parse_quote((case / "quote.bin").read_bytes())
         assert q.report.mr_enclave.hex() == exp["mr_enclave"], case.name
         assert q.report.mr_signer.hex() == exp["mr_signer"]
         assert q.report.report_data.hex() == exp["report_data"]
@@ -114,9 +116,9 @@ def test_tdx_quotes_are_refused_by_tee_type(samples_dir):
 
 
 def test_v4_layout_parses_to_the_same_fields_and_round_trips(v3):
-    q3 = dcap.parse_quote(v3)
+    q3 = dcap_quote.parse_quote(v3)
     raw4 = v4_bytes(q3)
-    q4 = dcap.parse_quote(raw4)
+    q4 = dcap_quote.parse_quote(raw4)
     assert q4.header.version == 4
     assert q4.report == q3.report
     assert q4.signature == q3.signature  # QE report etc. lifted out of type 6
@@ -126,12 +128,12 @@ def test_v4_layout_parses_to_the_same_fields_and_round_trips(v3):
 
 
 def test_v4_outer_certification_data_must_be_type_6(v3):
-    q3 = dcap.parse_quote(v3)
+    q3 = dcap_quote.parse_quote(v3)
     assert_quote_error(v4_bytes(q3, outer_type=5), "signature_data.certification_data.type", "type 6")
 
 
 def test_v4_inner_type_6_and_trailing_bytes_are_refused(v3):
-    q3 = dcap.parse_quote(v3)
+    q3 = dcap_quote.parse_quote(v3)
     assert_quote_error(v4_bytes(q3, inner_type=6), "certification_data.type")
     assert_quote_error(v4_bytes(q3, extra_inner=b"\0"), "qe_report_certification_data", "trailing")
 
@@ -145,7 +147,7 @@ def test_truncation_at_every_offset_is_a_quote_error(v3):
 
 
 def test_truncation_of_v4_at_every_offset_is_a_quote_error(v3):
-    raw4 = v4_bytes(dcap.parse_quote(v3))
+    raw4 = v4_bytes(dcap_quote.parse_quote(v3))
     for n in range(0, len(raw4), 7):
         assert_quote_error(raw4[:n])
 
@@ -183,18 +185,18 @@ def test_tdx_tee_type_on_an_sgx_quote_names_tdx(v3):
     assert_quote_error(patch(v3, 4, "<I", 0x81), "unsupported TEE type TDX")
 
 
-def cert_type_offset(q: dcap.Quote) -> int:
+def cert_type_offset(q: dcap_quote.Quote) -> int:
     return 436 + 64 + 64 + 384 + 64 + 2 + len(q.signature.qe_auth_data)
 
 
 @pytest.mark.parametrize("ctype", [0, 6, 8, 0xFFFF])
 def test_bad_certification_data_types(v3, ctype):
-    off = cert_type_offset(dcap.parse_quote(v3))
+    off = cert_type_offset(dcap_quote.parse_quote(v3))
     assert_quote_error(patch(v3, off, "<H", ctype), "certification_data.type")
 
 
 def test_certification_data_size_mismatch(v3):
-    q = dcap.parse_quote(v3)
+    q = dcap_quote.parse_quote(v3)
     off = cert_type_offset(q) + 2
     size = len(q.signature.certification_data.data)
     assert_quote_error(patch(v3, off, "<I", size + 1), "certification_data.data", "truncated")
@@ -215,20 +217,20 @@ def test_signature_data_size_mismatch(v3):
 
 def test_non_bytes_input():
     for bad in ("00" * 600, None, 12, [1, 2, 3]):
-        with pytest.raises(dcap.QuoteError, match="quote"):
-            dcap.parse_quote(bad)  # type: ignore[arg-type]
+        with pytest.raises(dcap_quote.QuoteError, match="quote"):
+            dcap_quote.parse_quote(bad)  # type: ignore[arg-type]
 
 
 def test_bytearray_and_memoryview_accepted(v3):
-    assert dcap.parse_quote(bytearray(v3)).to_bytes() == v3
-    assert dcap.parse_quote(memoryview(v3)).to_bytes() == v3
+    assert dcap_quote.parse_quote(bytearray(v3)).to_bytes() == v3
+    assert dcap_quote.parse_quote(memoryview(v3)).to_bytes() == v3
 
 
 # --- report body -----------------------------------------------------------------------------------
 
 
 def test_report_body_layout_and_debug_flag(v3):
-    body = dcap.ReportBody.from_bytes(v3[48:432])
+    body = dcap_quote.ReportBody.from_bytes(v3[48:432])
     assert body.to_bytes() == v3[48:432]
     assert body.report_data == v3[48 + 320 : 48 + 384]
     assert body.mr_enclave == v3[48 + 64 : 48 + 96]
@@ -240,12 +242,12 @@ def test_report_body_layout_and_debug_flag(v3):
 
 
 def test_report_body_wrong_sizes():
-    with pytest.raises(dcap.QuoteError, match="report"):
-        dcap.ReportBody.from_bytes(bytes(383))
-    body = dcap.ReportBody.from_bytes(bytes(384))
-    with pytest.raises(dcap.QuoteError, match=r"report\.mr_enclave"):
+    with pytest.raises(dcap_quote.QuoteError, match="report"):
+        dcap_quote.ReportBody.from_bytes(bytes(383))
+    body = dcap_quote.ReportBody.from_bytes(bytes(384))
+    with pytest.raises(dcap_quote.QuoteError, match=r"report\.mr_enclave"):
         dataclasses.replace(body, mr_enclave=bytes(31)).to_bytes()
-    with pytest.raises(dcap.QuoteError, match="report"):
+    with pytest.raises(dcap_quote.QuoteError, match="report"):
         dataclasses.replace(body, isv_svn=1 << 16).to_bytes()
 
 
@@ -257,8 +259,8 @@ def test_collateral_json_round_trip(samples_dir):
     assert len(paths) >= 14
     for path in paths:
         text = path.read_text()
-        c = dcap.Collateral.from_json(text)
-        assert dcap.Collateral.from_json(c.to_json()) == c
+        c = Collateral.from_json(text)
+        assert Collateral.from_json(c.to_json()) == c
         assert c.to_dict() == json.loads(text)
         assert c.root_ca_crl[:1] == b"\x30" and len(c.tcb_info_signature) == 64
 
@@ -266,14 +268,14 @@ def test_collateral_json_round_trip(samples_dir):
 def test_collateral_errors_name_the_field(samples_dir):
     d = json.loads((samples_dir / "intel-sgx-v3" / "collateral.json").read_text())
     with pytest.raises(dcap.CollateralError, match="not valid JSON"):
-        dcap.Collateral.from_json("{")
+        Collateral.from_json("{")
     with pytest.raises(dcap.CollateralError, match="JSON object"):
-        dcap.Collateral.from_json("[]")
+        Collateral.from_json("[]")
     for key in d:
         broken = {k: v for k, v in d.items() if k != key}
         with pytest.raises(dcap.CollateralError, match=key):
-            dcap.Collateral.from_dict(broken)
+            Collateral.from_dict(broken)
     with pytest.raises(dcap.CollateralError, match=r"collateral\.pck_crl: not valid hex"):
-        dcap.Collateral.from_dict({**d, "pck_crl": "zz"})
+        Collateral.from_dict({**d, "pck_crl": "zz"})
     with pytest.raises(dcap.CollateralError, match=r"collateral\.tcb_info: must be a string"):
-        dcap.Collateral.from_dict({**d, "tcb_info": {"id": "SGX"}})
+        Collateral.from_dict({**d, "tcb_info": {"id": "SGX"}})

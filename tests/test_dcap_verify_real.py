@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import dcap
+import dcap_quote
+import pccs
+from dcap_collateral import Collateral
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO.parent / "shared" / "samples"
@@ -42,7 +45,7 @@ class Case:
     name: str
     quote: bytes
     collateral_json: str
-    collateral: dcap.Collateral
+    collateral: Collateral
     expected: dict
     path: Path
 
@@ -53,7 +56,7 @@ def load(path: Path) -> Case:
         path.name,
         (path / "quote.bin").read_bytes(),
         text,
-        dcap.Collateral.from_json(text),
+        Collateral.from_json(text),
         json.loads((path / "expected.json").read_text()),
         path,
     )
@@ -95,7 +98,7 @@ def ours(
     root: bytes,
     now: int | None = None,
 ):
-    coll = dcap.Collateral.from_dict(collateral) if collateral else case.collateral
+    coll = Collateral.from_dict(collateral) if collateral else case.collateral
     try:
         r = dcap.verify(
             case.quote if quote is None else quote,
@@ -239,15 +242,15 @@ def test_intel_sample_expires(intel_root):
 
 def test_tdx_quotes_are_a_clean_quote_error(intel_root):
     for path in sorted((SAMPLES / "real-dcap" / "tdx").glob("*/quote.bin")):
-        coll = dcap.Collateral.from_json((path.parent / "collateral.json").read_text())
-        with pytest.raises(dcap.QuoteError, match="unsupported TEE type TDX"):
+        coll = Collateral.from_json((path.parent / "collateral.json").read_text())
+        with pytest.raises(dcap_quote.QuoteError, match="unsupported TEE type TDX"):
             dcap.verify(path.read_bytes(), coll, root_ca=intel_root, now=1750000000)
 
 
 def test_pck_extension_matches_dcap_qvl_parser():
     for path in CASES:
         case = load(path)
-        q = dcap.parse_quote(case.quote)
+        q = dcap_quote.parse_quote(case.quote)
         leaf_pem = q.signature.certification_data.data.split(b"-----END CERTIFICATE-----")[0]
         leaf_der = x509.load_pem_x509_certificate(leaf_pem + b"-----END CERTIFICATE-----\n")
         ours_ext = dcap.parse_sgx_extension(
@@ -289,7 +292,7 @@ def flip(data: bytes, offset: int) -> bytes:
 
 
 def quote_mutations(q: bytes) -> dict[str, bytes]:
-    parsed = dcap.parse_quote(q)
+    parsed = dcap_quote.parse_quote(q)
     sig0 = 436
     qe0 = sig0 + 128
     auth_len = len(parsed.signature.qe_auth_data)
@@ -390,7 +393,7 @@ def test_mutations_name_their_check(intel_root):
             dcap.verify(muts[name], case.collateral, now=case.expected["now"])
         assert info.value.check == check, (name, info.value)
     for name in ("version_4", "key_type_3", "truncated_sig", "truncated_chain", "no_signature_data"):
-        with pytest.raises(dcap.QuoteError):
+        with pytest.raises(dcap_quote.QuoteError):
             dcap.verify(muts[name], case.collateral, now=case.expected["now"])
     d = json.loads(case.collateral_json)
     checks = {
@@ -406,7 +409,7 @@ def test_mutations_name_their_check(intel_root):
     muts_c = collateral_mutations(d)
     for name, check in checks.items():
         with pytest.raises(dcap.VerificationError) as info:
-            dcap.verify(case.quote, dcap.Collateral.from_dict(muts_c[name]), now=case.expected["now"])
+            dcap.verify(case.quote, Collateral.from_dict(muts_c[name]), now=case.expected["now"])
         assert info.value.check == check, (name, info.value)
 
 
@@ -478,8 +481,8 @@ def test_verifier_with_file_source_and_parsed_quote(tmp_path, intel_root):
     case = load(SAMPLES / "real-dcap" / "zkdcap-00906ed5-2025")
     path = tmp_path / "c.json"
     path.write_text(case.collateral_json)
-    v = dcap.Verifier(dcap.FileCollateralSource(path), root_ca=intel_root)
-    r = v.verify(dcap.parse_quote(case.quote), now=case.expected["now"])
+    v = dcap.Verifier(pccs.FileCollateralSource(path), root_ca=intel_root)
+    r = v.verify(dcap_quote.parse_quote(case.quote), now=case.expected["now"])
     assert r.status == case.expected["status"] and r.pck_ca == "processor"
     with pytest.raises(TypeError):
         dcap.Verifier(object())  # type: ignore[arg-type]
@@ -511,7 +514,7 @@ def test_dcap_py_rejects_trailing_bytes_after_signature_data(intel_root):
     dcap.py refuses them so that parse_quote(b).to_bytes() == b and no unsigned bytes ride along."""
     case = load(SAMPLES / "intel-sgx-v3")
     assert qvl(case, case.quote + b"\0", root=intel_root)[0] == "ok"
-    with pytest.raises(dcap.QuoteError, match="signature_data"):
+    with pytest.raises(dcap_quote.QuoteError, match="signature_data"):
         dcap.verify(case.quote + b"\0", case.collateral, root_ca=intel_root, now=case.expected["now"])
 
 
@@ -524,7 +527,7 @@ def sim(tmp_path_factory):
     return sgxsim.SimPlatform.init(tmp_path_factory.mktemp("sim-dcap"))
 
 
-def sim_verdicts(sim, quote: bytes, coll: dcap.Collateral, now: int | None = None):
+def sim_verdicts(sim, quote: bytes, coll: Collateral, now: int | None = None):
     import time
 
     now = int(time.time()) if now is None else now
@@ -626,7 +629,7 @@ def test_dcap_py_requires_zero_upper_qe_report_data(sim):
     import hashlib
 
     sgxsim = pytest.importorskip("sgxsim")
-    att = dcap.parse_quote(sim.make_quote(bytes(64))).signature.attestation_key
+    att = dcap_quote.parse_quote(sim.make_quote(bytes(64))).signature.attestation_key
     rd = hashlib.sha256(att + sgxsim.QE_AUTH_DATA).digest() + b"\x01" * 32
     quote = sim.make_quote(bytes(64), qe_report_overrides={"report_data": rd})
     mine, theirs = sim_verdicts(sim, quote, sim.collateral())
@@ -883,7 +886,7 @@ def test_sim_mutations_agree_with_dcap_qvl(sim):
         raw = bytearray(good)
         raw[at : at + 2] = value
         mine, theirs = sim_verdicts(sim, sim.resign_quote(bytes(raw)), coll, now)
-        assert isinstance(mine, dcap.QuoteError) and isinstance(theirs, Exception), edit
+        assert isinstance(mine, dcap_quote.QuoteError) and isinstance(theirs, Exception), edit
     assert sgxsim.TCB_LEVEL_NAMES
 
 
@@ -982,7 +985,7 @@ def test_tcb_info_signed_by_another_certificate_of_the_root(sim):
 
 
 def test_sgx_extension_reader_refuses_duplicates_and_gaps():
-    q = dcap.parse_quote((SAMPLES / "intel-sgx-v3" / "quote.bin").read_bytes())
+    q = dcap_quote.parse_quote((SAMPLES / "intel-sgx-v3" / "quote.bin").read_bytes())
     pem = q.signature.certification_data.data.split(b"-----END CERTIFICATE-----")[0]
     leaf = x509.load_pem_x509_certificate(pem + b"-----END CERTIFICATE-----\n")
     ext = leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier(dcap.SGX_EXTENSION_OID)).value.value

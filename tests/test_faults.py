@@ -42,7 +42,9 @@ import asps_client
 import asps_pb2
 import asps_pb2_grpc
 import asps_server
+import asps_wire
 import dcap
+from dcap_collateral import Collateral
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -163,7 +165,7 @@ def attest(stub, ev: asps_client.Evidence, expected: dict[str, bytes] | None = N
     names = list(expected)
     try:
         token = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=DEADLINE).token
-        sig = asps_client.sign_transcript(ev.private_key, asps_client.transcript(token, ev.cert_der, names))
+        sig = asps_wire.sign_transcript(ev.private_key, asps_wire.transcript(token, ev.cert_der, names))
         req = asps_pb2.SecretsRequest(evidence=ev.cert_der, token=token, names=names, signature=sig)
         reply = stub.GetSecrets(req, timeout=DEADLINE)
     except grpc.RpcError as e:
@@ -266,7 +268,7 @@ class Pccs:
     """A PCCS-shaped HTTP server (v4 API: /tcb, /qe/identity, /pckcrl, /rootcacrl) serving one bundle
     for every FMSPC; stoppable and restartable on the same port."""
 
-    def __init__(self, collateral: dcap.Collateral) -> None:
+    def __init__(self, collateral: Collateral) -> None:
         self.collateral = collateral
         self.requests = 0
         self.port = free_port()

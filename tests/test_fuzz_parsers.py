@@ -2,7 +2,7 @@
 documented error type may escape (never IndexError, KeyError, TypeError, struct.error, RecursionError,
 UnicodeError, OverflowError, AttributeError, OSError...), and valid inputs still succeed.
 
-Targets: dcap.parse_quote, dcap.verify / Verifier.verify, dcap.Collateral.from_json, parse_tcb_info,
+Targets: dcap_quote.parse_quote, dcap.verify / Verifier.verify, Collateral.from_json, parse_tcb_info,
 parse_qe_identity, PccsCollateralSource (a hostile PCCS on 127.0.0.1), ratls.verify_evidence,
 ratls.ReferenceValues.from_dict, policy.load_policy / parse_policy.
 
@@ -43,12 +43,17 @@ from asps_testkit import HttpStandIn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from der_writer import oid_content, tlv
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import dcap
+import dcap_quote
 import policy
 import ratls
+import ratls_attest
+from dcap_collateral import Collateral
+from pccs import PccsCollateralSource
 
 # ------------------------------------------------------------------------------------------------
 # settings: derandomized in CI, many more (random) examples with HYPOTHESIS_PROFILE=long
@@ -127,7 +132,7 @@ GENUINE_SIGNED = {q[:432] for q in ALL_QUOTES}
 @cache
 def case_verifier(name: str) -> dcap.Verifier:
     case = next(c for c in CASES if c.name == name)
-    return dcap.Verifier(dcap.Collateral.from_json(case.collateral_json))
+    return dcap.Verifier(Collateral.from_json(case.collateral_json))
 
 
 # Escapes found by this file in modules whose owners are still editing them (reported, not fixed
@@ -273,10 +278,10 @@ def mutated_quote(draw, sources: list[bytes] | None = None, max_ops: int = 4) ->
     return bytes(data)
 
 
-def parse_or_quote_error(data: bytes) -> dcap.Quote | None:
+def parse_or_quote_error(data: bytes) -> dcap_quote.Quote | None:
     try:
-        q = dcap.parse_quote(data)
-    except dcap.QuoteError as exc:
+        q = dcap_quote.parse_quote(data)
+    except dcap_quote.QuoteError as exc:
         assert str(exc)  # names the field
         return None
     assert q.to_bytes() == data  # anything accepted is exactly what it parsed
@@ -285,7 +290,7 @@ def parse_or_quote_error(data: bytes) -> dcap.Quote | None:
 
 def test_genuine_quotes_parse_and_round_trip():
     for q in SGX_QUOTES:
-        assert dcap.parse_quote(q).to_bytes() == q
+        assert dcap_quote.parse_quote(q).to_bytes() == q
 
 
 @fuzz(600)
@@ -341,7 +346,7 @@ def test_genuine_samples_verify():
 @fuzz(200)
 @given(mutated_quote(sources=[V3.quote]), st.integers(-(1 << 70), 1 << 70) | st.sampled_from([V3.now]))
 def test_module_verify_mutated_quote_any_time(quote, now):
-    coll = dcap.Collateral.from_json(V3.collateral_json)
+    coll = Collateral.from_json(V3.collateral_json)
     only(dcap.DcapError, lambda: dcap.verify(quote, coll, now=now))
 
 
@@ -412,7 +417,7 @@ def test_verify_quotes_with_mutated_pck_chain_der(sim_platform, data):
 
 @cache
 def _sim_verifier(root: bytes, coll_json: str) -> dcap.Verifier:
-    return dcap.Verifier(dcap.Collateral.from_json(coll_json), root_ca=root)
+    return dcap.Verifier(Collateral.from_json(coll_json), root_ca=root)
 
 
 def sim_verifier(sim) -> dcap.Verifier:
@@ -513,15 +518,15 @@ def pem_garbage(draw) -> str:
 @example(b"\xff\xfe\x00")
 @example(deep(500))
 def test_collateral_from_json_raises_only_collateral_error(doc):
-    coll = only(dcap.CollateralError, lambda: dcap.Collateral.from_json(doc))
+    coll = only(dcap.CollateralError, lambda: Collateral.from_json(doc))
     if coll is not None:
-        assert dcap.Collateral.from_json(coll.to_json()) == coll
+        assert Collateral.from_json(coll.to_json()) == coll
         only(dcap.DcapError, lambda: dcap.verify(V3.quote, coll, now=V3.now))
 
 
 def test_valid_collateral_round_trips():
-    coll = dcap.Collateral.from_json(V3.collateral_json)
-    assert dcap.Collateral.from_json(coll.to_json()) == coll
+    coll = Collateral.from_json(V3.collateral_json)
+    assert Collateral.from_json(coll.to_json()) == coll
     assert dcap.verify(V3.quote, coll, now=V3.now).status == V3.status
 
 
@@ -580,7 +585,7 @@ def tcb_or_qe_text(draw, piece: str | None = None, base: dict | None = None) -> 
     obj = json.loads(
         json.dumps(base)
         if base is not None
-        else getattr(dcap.Collateral.from_json(V3.collateral_json), piece)
+        else getattr(Collateral.from_json(V3.collateral_json), piece)
     )
     for _ in range(draw(st.integers(1, 4))):
         target = obj
@@ -679,14 +684,6 @@ _SIM_QUOTES: dict[tuple[bytes, str], bytes] = {}
 # CRLs: DER surgery (drop, retype or corrupt TBSCertList fields), re-signed or not
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(raw)]) + raw + content
-
-
 def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     """(tag, element start, element end) of each element in data[start:end]."""
     out, pos = [], start
@@ -704,7 +701,7 @@ def crl_without_field(crl: bytes, index: int, replacement: bytes = b"") -> bytes
     _, ts, te = dcap.der_tlv(crl, top[0][1], top[0][2])
     kids = _children(crl, ts, te)
     parts = [crl[a:b] if i != index else replacement for i, (_, a, b) in enumerate(kids)]
-    return _tlv(0x30, _tlv(0x30, b"".join(parts)) + b"".join(crl[a:b] for _, a, b in top[1:]))
+    return tlv(0x30, tlv(0x30, b"".join(parts)) + b"".join(crl[a:b] for _, a, b in top[1:]))
 
 
 def tbs_field_count(crl: bytes) -> int:
@@ -811,7 +808,7 @@ class HostilePccs(HttpStandIn):
         super().__init__(Handler)
 
 
-def genuine_answers(c: dcap.Collateral) -> dict[str, Answer]:
+def genuine_answers(c: Collateral) -> dict[str, Answer]:
     q = urllib.parse.quote
     return {
         "/tcb": Answer(
@@ -917,7 +914,7 @@ def test_pccs_hostile_responses(sim_platform, pccs, data):
     for route in data.draw(st.lists(st.sampled_from(ROUTES), min_size=1, max_size=4, unique=True)):
         answers[route] = data.draw(hostile_answer(good[route], route))
     pccs.answers = answers
-    source = dcap.PccsCollateralSource(pccs.url, timeout=3)
+    source = PccsCollateralSource(pccs.url, timeout=3)
     start = time.monotonic()
     got = only(
         (dcap.CollateralError, dcap.CollateralUnavailable),
@@ -926,8 +923,8 @@ def test_pccs_hostile_responses(sim_platform, pccs, data):
         ),
     )
     if got is not None:
-        assert isinstance(got, dcap.Collateral)
-    verifier = dcap.Verifier(dcap.PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
+        assert isinstance(got, Collateral)
+    verifier = dcap.Verifier(PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
     only(dcap.DcapError, lambda: verifier.verify(sim_quote(sim, "UpToDate")))
     assert time.monotonic() - start < 10
 
@@ -935,7 +932,7 @@ def test_pccs_hostile_responses(sim_platform, pccs, data):
 def test_pccs_genuine_answers_verify(sim_platform, pccs):
     sim = sim_platform
     pccs.answers = genuine_answers(sim.collateral())
-    verifier = dcap.Verifier(dcap.PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
+    verifier = dcap.Verifier(PccsCollateralSource(pccs.url, timeout=3), root_ca=sim.root_ca_der)
     assert verifier.verify(sim_quote(sim, "UpToDate")).status == "UpToDate"
 
 
@@ -944,36 +941,22 @@ def test_pccs_refused_connection_is_unavailable():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(dcap.CollateralUnavailable):
-        dcap.PccsCollateralSource(f"http://127.0.0.1:{port}", timeout=2).fetch(bytes(6), "processor")
+        PccsCollateralSource(f"http://127.0.0.1:{port}", timeout=2).fetch(bytes(6), "processor")
 
 
 # ------------------------------------------------------------------------------------------------
 # RA-TLS certificates
 
 
-def _oid_content(dotted: str) -> bytes:
-    """DER content bytes of an OBJECT IDENTIFIER (first two arcs folded, base-128 arcs)."""
-    arcs = [int(a) for a in dotted.split(".")]
-    out = bytearray()
-    for a in [40 * arcs[0] + arcs[1], *arcs[2:]]:
-        chunk = [a & 0x7F]
-        a >>= 7
-        while a:
-            chunk.append(0x80 | (a & 0x7F))
-            a >>= 7
-        out += bytes(reversed(chunk))
-    return bytes(out)
-
-
 OID_RAW = {
-    "cczoo": _oid_content(ratls.OID_CCZOO_QUOTE),
-    "gramine": _oid_content(ratls.OID_GRAMINE_QUOTE),
+    "cczoo": oid_content(ratls_attest.OID_CCZOO_QUOTE),
+    "gramine": oid_content(ratls_attest.OID_GRAMINE_QUOTE),
     "gramine-misencoded": bytes.fromhex("06092a864886f84d8a3906"),
-    "dice": _oid_content(ratls.OID_TCG_DICE_TAGGED_EVIDENCE),
-    "other": _oid_content("1.2.3.4"),
+    "dice": oid_content(ratls_attest.OID_TCG_DICE_TAGGED_EVIDENCE),
+    "other": oid_content("1.2.3.4"),
 }
-ECDSA_SHA256_ALG = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
-RSA_SHA256_ALG = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a864886f70d01010b")) + b"\x05\x00")
+ECDSA_SHA256_ALG = tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
+RSA_SHA256_ALG = tlv(0x30, tlv(0x06, bytes.fromhex("2a864886f70d01010b")) + b"\x05\x00")
 
 
 @cache
@@ -992,12 +975,12 @@ def _spki(key: Any) -> bytes:
 
 
 def _utc(t: int) -> bytes:
-    return _tlv(0x17, dt.datetime.fromtimestamp(t, dt.UTC).strftime("%y%m%d%H%M%SZ").encode())
+    return tlv(0x17, dt.datetime.fromtimestamp(t, dt.UTC).strftime("%y%m%d%H%M%SZ").encode())
 
 
 def raw_extension(oid_content: bytes, value: bytes, critical: bool | None = None) -> bytes:
-    crit = b"" if critical is None else _tlv(0x01, b"\xff" if critical else b"\x00")
-    return _tlv(0x30, _tlv(0x06, oid_content) + crit + _tlv(0x04, value))
+    crit = b"" if critical is None else tlv(0x01, b"\xff" if critical else b"\x00")
+    return tlv(0x30, tlv(0x06, oid_content) + crit + tlv(0x04, value))
 
 
 def signed_cert(
@@ -1010,27 +993,27 @@ def signed_cert(
     """A self-signed v3 certificate with exactly these raw extensions (duplicates, odd OIDs allowed)."""
     is_ec = isinstance(key, ec.EllipticCurvePrivateKey)
     alg = sig_alg or (ECDSA_SHA256_ALG if is_ec else RSA_SHA256_ALG)
-    name = _tlv(0x30, _tlv(0x31, _tlv(0x30, _tlv(0x06, b"\x55\x04\x03") + _tlv(0x0C, b"fuzz"))))
+    name = tlv(0x30, tlv(0x31, tlv(0x30, tlv(0x06, b"\x55\x04\x03") + tlv(0x0C, b"fuzz"))))
     now = int(time.time())
     exts = b"".join(extensions)
     fields = [
-        _tlv(0xA0, b"\x02\x01\x02"),
+        tlv(0xA0, b"\x02\x01\x02"),
         b"\x02\x01\x07",
         alg,
         name,
-        _tlv(0x30, _utc(now - 60) + _utc(now + 3600)),
+        tlv(0x30, _utc(now - 60) + _utc(now + 3600)),
         name,
         _spki(key),
     ]
     if extensions or ext_wrapper:
-        fields.append(ext_wrapper(exts) if ext_wrapper else _tlv(0xA3, _tlv(0x30, exts)))
-    tbs = _tlv(0x30, b"".join(fields))
+        fields.append(ext_wrapper(exts) if ext_wrapper else tlv(0xA3, tlv(0x30, exts)))
+    tbs = tlv(0x30, b"".join(fields))
     sig = (
         key.sign(tbs, ec.ECDSA(hashes.SHA256()))
         if is_ec
         else key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
     )
-    return _tlv(0x30, tbs + alg + _tlv(0x03, b"\x00" + sig))
+    return tlv(0x30, tbs + alg + tlv(0x03, b"\x00" + sig))
 
 
 def pem_of(der: bytes) -> str:
@@ -1163,7 +1146,7 @@ def evidence_extensions(draw, sim, key: Any) -> list[bytes]:
                 quote = draw(mutated_quote(sources=[quote], max_ops=2))
             shape = draw(st.sampled_from(["good", "good", "raw", "tag", "list"]))
             if shape == "good":
-                value = ratls.dice_evidence(quote, claims)
+                value = ratls_attest.dice_evidence(quote, claims)
             elif shape == "raw":
                 value = draw(RAW_CBOR)
             elif shape == "tag":
@@ -1234,10 +1217,10 @@ def test_verify_evidence_crafted_certificates(sim_platform, ratls_verifier, data
         else data.draw(
             st.sampled_from(
                 [
-                    lambda e: _tlv(0xA3, e),
-                    lambda e: _tlv(0xA3, b""),
-                    lambda e: _tlv(0xA3, _tlv(0x30, e) + b"\x05\x00"),
-                    lambda e: _tlv(0xA4, _tlv(0x30, e)),
+                    lambda e: tlv(0xA3, e),
+                    lambda e: tlv(0xA3, b""),
+                    lambda e: tlv(0xA3, tlv(0x30, e) + b"\x05\x00"),
+                    lambda e: tlv(0xA4, tlv(0x30, e)),
                 ]
             )
         )
@@ -1248,9 +1231,9 @@ def test_verify_evidence_crafted_certificates(sim_platform, ratls_verifier, data
         else data.draw(
             st.sampled_from(
                 [
-                    _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040309"))),
-                    _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040303"))),
-                    _tlv(0x30, _tlv(0x06, bytes.fromhex("2b6570"))),
+                    tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040309"))),
+                    tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040303"))),
+                    tlv(0x30, tlv(0x06, bytes.fromhex("2b6570"))),
                 ]
             )
         )
@@ -1291,7 +1274,7 @@ def test_verify_evidence_mutated_genuine_certificates(sim_platform, ratls_verifi
 def _genuine_cert(sim_dir: str, fmt: str) -> bytes:
     import sgxsim
 
-    return ratls.make_certificate(sgxsim.SimProvider(sim_dir), fmt=fmt)[0]
+    return ratls_attest.make_certificate(sgxsim.SimProvider(sim_dir), fmt=fmt)[0]
 
 
 def genuine_cert(sim, fmt: str) -> bytes:
@@ -1302,8 +1285,9 @@ def test_genuine_certificates_verify(sim_platform, ratls_verifier):
     for fmt in ("cczoo", "gramine"):
         der = genuine_cert(sim_platform, fmt)
         assert ratls.verify_evidence(der, ratls_verifier).tcb_status == "UpToDate"
-        assert ratls.verify_evidence(ratls.cert_to_pem(der), ratls_verifier).evidence_format == fmt
-        assert ratls.verify_evidence(ratls.cert_to_pem(der).decode(), ratls_verifier).evidence_format == fmt
+        assert ratls.verify_evidence(ratls_attest.cert_to_pem(der), ratls_verifier).evidence_format == fmt
+        pem = ratls_attest.cert_to_pem(der).decode()
+        assert ratls.verify_evidence(pem, ratls_verifier).evidence_format == fmt
 
 
 @fuzz(400)
@@ -1343,7 +1327,7 @@ def test_dice_cbor_evidence(sim_platform, ratls_verifier, data):
     quote = sim.make_quote(report_data_for(hashlib.sha256(claims).digest()))
     shape = data.draw(st.sampled_from([0, 0, 1, 2, 3]))
     if shape == 0:
-        value = ratls.dice_evidence(quote, claims)
+        value = ratls_attest.dice_evidence(quote, claims)
     elif shape == 1:
         value = cbor_bytes(
             cbor2.CBORTag(
@@ -1353,7 +1337,7 @@ def test_dice_cbor_evidence(sim_platform, ratls_verifier, data):
     elif shape == 2:
         value = cbor_bytes(data.draw(CBOR_VALUES))
     else:
-        value = ratls.dice_evidence(quote, claims) + data.draw(st.binary(min_size=1, max_size=8))
+        value = ratls_attest.dice_evidence(quote, claims) + data.draw(st.binary(min_size=1, max_size=8))
     evidence_only(signed_cert(key, [raw_extension(OID_RAW["dice"], value)]), ratls_verifier)
 
 
@@ -1364,7 +1348,7 @@ def test_dice_bignum_hash_alg_is_evidence_error(sim_platform, ratls_verifier):
     entry = cbor2.dumps([cbor2.CBORTag(2, b"\x01" + bytes(2000)), hashlib.sha256(_spki(key)).digest()])
     claims = cbor2.dumps({"pubkey-hash": entry})
     quote = sim_platform.make_quote(report_data_for(hashlib.sha256(claims).digest()))
-    cert = signed_cert(key, [raw_extension(OID_RAW["dice"], ratls.dice_evidence(quote, claims))])
+    cert = signed_cert(key, [raw_extension(OID_RAW["dice"], ratls_attest.dice_evidence(quote, claims))])
     with pytest.raises(ratls.EvidenceError, match="hash-alg-id"):
         ratls.verify_evidence(cert, ratls_verifier)
 
@@ -1372,7 +1356,7 @@ def test_dice_bignum_hash_alg_is_evidence_error(sim_platform, ratls_verifier):
 def test_unknown_signature_algorithm_is_evidence_error(ratls_verifier):
     """Regression: an unrecognised signatureAlgorithm OID raised cryptography's UnsupportedAlgorithm."""
     key = _keys()["p256"]
-    cert = signed_cert(key, [], sig_alg=_tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040309"))))
+    cert = signed_cert(key, [], sig_alg=tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040309"))))
     with pytest.raises(ratls.EvidenceError) as info:
         ratls.verify_evidence(cert, ratls_verifier)
     assert info.value.step == "certificate_signature"
@@ -1644,7 +1628,7 @@ def _swap_der_byte(der: bytes, marker: bytes, offset: int, value: int) -> bytes:
 
 def test_regression_dcap_collateral_deep_nesting():
     with pytest.raises(dcap.CollateralError):
-        dcap.Collateral.from_json("[" * 100_000)
+        Collateral.from_json("[" * 100_000)
 
 
 def test_regression_dcap_tcb_info_deep_nesting():
@@ -1657,7 +1641,7 @@ def test_regression_dcap_surrogate_in_tcb_info():
     d["tcb_info"] = d["tcb_info"][:-1] + ',"x":"\ud800"}'
     text = json.dumps(d)  # ensure_ascii: the file holds the 6 characters \ud800, as a hostile file would
     assert "\\ud800" in text
-    coll = dcap.Collateral.from_json(text)
+    coll = Collateral.from_json(text)
     with pytest.raises(dcap.DcapError):
         dcap.verify(V3.quote, coll, now=V3.now)
 
@@ -1667,7 +1651,7 @@ def test_regression_dcap_pccs_deep_body(sim_platform, pccs):
     answers["/tcb"] = dataclasses.replace(answers["/tcb"], body=b'{"tcbInfo":' + b"[" * 100_000)
     pccs.answers = answers
     with pytest.raises((dcap.CollateralError, dcap.CollateralUnavailable)):
-        dcap.PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
+        PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
 
 
 def test_regression_dcap_pccs_crl_without_next_update(sim_platform, pccs):
@@ -1676,7 +1660,7 @@ def test_regression_dcap_pccs_crl_without_next_update(sim_platform, pccs):
     answers["/rootcacrl"] = Answer(200, crl)
     pccs.answers = answers
     with pytest.raises(dcap.CollateralError):
-        dcap.PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
+        PccsCollateralSource(pccs.url, timeout=3).get(sim_platform.fmspc, "processor")
 
 
 def test_regression_dcap_crl_version(sim_platform):
@@ -1725,7 +1709,7 @@ def test_regression_dcap_pccs_response_size_bounded(sim_platform, pccs):
     pccs.answers = answers
     pccs.sent = 0
     with pytest.raises(dcap.CollateralError):
-        dcap.PccsCollateralSource(pccs.url, timeout=3).fetch(sim_platform.fmspc, "processor")
+        PccsCollateralSource(pccs.url, timeout=3).fetch(sim_platform.fmspc, "processor")
     time.sleep(0.2)
     assert pccs.sent <= 4 << 20, f"client read {pccs.sent} bytes of a 16 MiB answer"
 
@@ -1738,7 +1722,7 @@ def test_regression_dcap_pccs_slow_drip_hits_the_deadline(sim_platform, pccs):
     start = time.monotonic()
     try:
         with pytest.raises((dcap.CollateralError, dcap.CollateralUnavailable)):
-            dcap.PccsCollateralSource(pccs.url, timeout=1.0).fetch(sim_platform.fmspc, "processor")
+            PccsCollateralSource(pccs.url, timeout=1.0).fetch(sim_platform.fmspc, "processor")
     finally:
         pccs.drip = 0.0
     assert time.monotonic() - start < 2.0
@@ -1783,7 +1767,7 @@ def test_policy_escapes_found_by_fuzzing_are_policy_errors(policy_dir, request, 
 
 def test_far_times_are_verification_errors_not_overflows():
     """Times far outside datetime's range must be VerificationErrors, not OverflowError."""
-    coll = dcap.Collateral.from_json(V3.collateral_json)
+    coll = Collateral.from_json(V3.collateral_json)
     for now in (-(1 << 62), 1 << 62, 253402300800, -62135596801):
         with pytest.raises(dcap.VerificationError):
             dcap.verify(V3.quote, coll, now=now)

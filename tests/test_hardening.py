@@ -39,7 +39,9 @@ import asps_client
 import asps_pb2
 import asps_pb2_grpc
 import asps_server
+import asps_wire
 import dcap
+import dcap_quote
 import policy as policy_mod
 import ratls
 
@@ -84,8 +86,8 @@ def signed(prov, ev, names=("master_key",), *, token=None, signer=None, evidence
     """(evidence, token, names, signature) for `prov.get_secrets`, signed the way the client does."""
     token = prov.get_challenge()[0] if token is None else token
     der = ev.cert_der if evidence is None else evidence
-    sig = asps_client.sign_transcript(
-        signer or ev.private_key, asps_client.transcript(token, der, list(names))
+    sig = asps_wire.sign_transcript(
+        signer or ev.private_key, asps_wire.transcript(token, der, list(names))
     )
     return der, token, list(names), sig
 
@@ -270,7 +272,7 @@ def test_quote_side_checks_stay_unauthenticated(check):
 def test_malformed_collateral_is_unavailable_and_malformed_quote_is_not():
     r = asps_server.classify(_wrapped(dcap.CollateralError("tcb_info: not valid JSON")), "evidence")
     assert r.kind is asps_server.Kind.UNAVAILABLE
-    r = asps_server.classify(_wrapped(dcap.QuoteError("quote too short")), "evidence")
+    r = asps_server.classify(_wrapped(dcap_quote.QuoteError("quote too short")), "evidence")
     assert r.kind is asps_server.Kind.UNAUTHENTICATED
     r = asps_server.classify(ratls.EvidenceError("binding", "key not bound"), "evidence")
     assert r.kind is asps_server.Kind.UNAUTHENTICATED

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import asps_server
 import dcap
+from dcap_collateral import Collateral
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -156,7 +157,7 @@ def test_metrics_scraped_over_http_count_every_decision(env, bao):
         # front of the verifier may spare some lookups altogether)
         assert value(m, "asps_collateral_fetches_total", result="ok") == 1
         assert value(m, "asps_collateral_cache_hits_total") >= 1
-        coll = dcap.Collateral.from_json((env.sim.directory / "collateral.json").read_text())
+        coll = Collateral.from_json((env.sim.directory / "collateral.json").read_text())
         expiry = dcap.collateral_next_update(coll)
         assert value(m, "asps_collateral_expiry_timestamp_seconds") == expiry > time.time()
         assert value(m, "process_resident_memory_bytes") > 10 * 2**20

@@ -26,16 +26,20 @@ STANDINS = REPO / "tests" / "standins"
 TEMPLATE = REPO / "asps_client.manifest.template"
 BASH = shutil.which("bash") or "/bin/bash"
 
+# The enclave side (what `import asps_client` loads, tests/test_layout.py) and the requirements.
 CLIENT_FILES = [
     "asps_client.py",
-    "ratls.py",
-    "dcap.py",
+    "asps_wire.py",
+    "ratls_attest.py",
+    "attester.py",
+    "dcap_quote.py",
     "asps_pb2.py",
     "asps_pb2_grpc.py",
-    "intel_sgx_root_ca.der",
     "requirements.txt",
 ]
-SERVER_ONLY = ["asps_server.py", "policy.py", "kms.py"]
+# Tenant side: never in the client image.
+SERVER_ONLY = ["asps_server.py", "policy.py", "kms.py", "ratls.py", "dcap.py", "dcap_collateral.py",
+               "pccs.py", "intel_sgx_root_ca.der"]
 # Copied when present; the workspace has the first two only.
 OPTIONAL = ["secretmanager_pb2.py", "secretmanager_pb2_grpc.py"]
 CERTS = ["ca.crt", "server.crt", "server.key"]
@@ -236,7 +240,9 @@ def test_client_image_has_the_client_modules_and_the_ca_only(built: Workspace) -
 
 def test_server_image_has_server_modules_certs_and_the_measured_policy(built: Workspace) -> None:
     image = built.instance("server") / "image"
-    for name in [*SERVER_ONLY, *OPTIONAL[:1], "ratls.py", "dcap.py", "asps_pb2.py", "asps_pb2_grpc.py"]:
+    shared = ["asps_wire.py", "ratls_attest.py", "attester.py", "dcap_quote.py", "asps_pb2.py",
+              "asps_pb2_grpc.py"]
+    for name in [*SERVER_ONLY, *OPTIONAL[:1], *shared]:
         assert (image / "bin" / name).read_bytes() == (built.src / name).read_bytes(), name
     assert not (image / "bin" / "asps_client.py").exists()
     for name in CERTS:
@@ -321,7 +327,7 @@ def test_rerun_is_idempotent(ws: Workspace) -> None:
 def test_a_changed_client_module_changes_mr_enclave_not_mr_signer(ws: Workspace) -> None:
     ws.run("client")
     before = json.loads(ws.policy.read_text())["app_list"][0]
-    with (ws.src / "ratls.py").open("ab") as f:
+    with (ws.src / "ratls_attest.py").open("ab") as f:
         f.write(b"# patched\n")
     ws.run("client")
     after = json.loads(ws.policy.read_text())["app_list"][0]

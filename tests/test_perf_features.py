@@ -34,6 +34,7 @@ from openbao import free_port
 
 import asps_client
 import asps_server
+import asps_wire
 import policy as policy_mod
 import ratls
 
@@ -90,7 +91,7 @@ def test_second_request_is_a_cache_hit_and_token_and_signature_are_still_checked
 
     # a signature over other names than those sent: refused too
     token = client.challenge()
-    sig = asps_client.sign_transcript(ev1.private_key, asps_client.transcript(token, ev1.cert_der, []))
+    sig = asps_wire.sign_transcript(ev1.private_key, asps_wire.transcript(token, ev1.cert_der, []))
     err = client.refused(
         asps_client.asps_pb2.SecretsRequest(evidence=ev1.cert_der, token=token, names=NAMES, signature=sig)
     )
@@ -181,7 +182,7 @@ def test_expired_entry_is_verified_again_through_the_provisioner(env, ev1, tmp_p
 
     def ask() -> str:
         token, _ = prov.get_challenge()
-        sig = asps_client.sign_transcript(ev1.private_key, asps_client.transcript(token, ev1.cert_der, NAMES))
+        sig = asps_wire.sign_transcript(ev1.private_key, asps_wire.transcript(token, ev1.cert_der, NAMES))
         app_id, _ = prov.get_secrets(ev1.cert_der, token, NAMES, sig)
         return app_id
 

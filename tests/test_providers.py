@@ -27,7 +27,11 @@ from pathlib import Path
 
 import pytest
 
+import attester
 import dcap
+import dcap_quote
+import native_qvl
+from dcap_collateral import Collateral
 
 HERE = Path(__file__).resolve().parent
 RD_OFFSET = 48 + 384 - 64  # report_data inside a quote
@@ -57,12 +61,13 @@ IOC_WRITE, IOC_READ = 1, 2
 
 def test_ioctl_numbers_are_occlums_and_match_the_struct_sizes():
     # Occlum: StructuredIoctlNum::new::<T>(nr, 's', Output | InputOutput)
-    assert dcap.SGXIOC_GET_DCAP_QUOTE_SIZE == _ioc(IOC_READ, "s", 7, 4) == 0x80047307
-    assert dcap.SGXIOC_GEN_DCAP_QUOTE == _ioc(IOC_READ | IOC_WRITE, "s", 8, 24) == 0xC0187308
-    assert dcap.SGXIOC_GET_DCAP_SUPPLEMENTAL_SIZE == _ioc(IOC_READ, "s", 9, 4) == 0x80047309
-    assert dcap.SGXIOC_VER_DCAP_QUOTE == _ioc(IOC_READ | IOC_WRITE, "s", 10, 48) == 0xC030730A
-    assert ctypes.sizeof(dcap.GenDcapQuoteArg) == dcap.ioc_size(dcap.SGXIOC_GEN_DCAP_QUOTE) == 24
-    assert ctypes.sizeof(dcap.VerDcapQuoteArg) == dcap.ioc_size(dcap.SGXIOC_VER_DCAP_QUOTE) == 48
+    assert attester.SGXIOC_GET_DCAP_QUOTE_SIZE == _ioc(IOC_READ, "s", 7, 4) == 0x80047307
+    assert attester.SGXIOC_GEN_DCAP_QUOTE == _ioc(IOC_READ | IOC_WRITE, "s", 8, 24) == 0xC0187308
+    assert native_qvl.SGXIOC_GET_DCAP_SUPPLEMENTAL_SIZE == _ioc(IOC_READ, "s", 9, 4) == 0x80047309
+    assert native_qvl.SGXIOC_VER_DCAP_QUOTE == _ioc(IOC_READ | IOC_WRITE, "s", 10, 48) == 0xC030730A
+    assert ctypes.sizeof(attester.GenDcapQuoteArg) == attester.ioc_size(attester.SGXIOC_GEN_DCAP_QUOTE) == 24
+    assert (ctypes.sizeof(native_qvl.VerDcapQuoteArg) == attester.ioc_size(native_qvl.SGXIOC_VER_DCAP_QUOTE)
+            == 48)
 
 
 class FakeOcclumDevice:
@@ -101,10 +106,10 @@ class FakeOcclumDevice:
         if request in self.fail:
             raise OSError(self.fail[request], os.strerror(self.fail[request]))
         raw = bytes(memoryview(arg).cast("B"))
-        if request == dcap.SGXIOC_GET_DCAP_QUOTE_SIZE:
+        if request == attester.SGXIOC_GET_DCAP_QUOTE_SIZE:
             size = self.quote_size if self.quote_size is not None else len(self.make_quote(bytes(64)))
             self._put_u32(arg, size)
-        elif request == dcap.SGXIOC_GEN_DCAP_QUOTE:
+        elif request == attester.SGXIOC_GEN_DCAP_QUOTE:
             assert len(raw) == 24
             rd_ptr, size_ptr, buf_ptr = struct.unpack("<QQQ", raw)
             assert rd_ptr and size_ptr and buf_ptr
@@ -117,9 +122,9 @@ class FakeOcclumDevice:
             ctypes.memmove(buf_ptr, quote, len(quote))
             if self.write_back_size is not None:
                 ctypes.memmove(size_ptr, struct.pack("<I", self.write_back_size), 4)
-        elif request == dcap.SGXIOC_GET_DCAP_SUPPLEMENTAL_SIZE:
+        elif request == native_qvl.SGXIOC_GET_DCAP_SUPPLEMENTAL_SIZE:
             self._put_u32(arg, self.supplemental_size)
-        elif request == dcap.SGXIOC_VER_DCAP_QUOTE:
+        elif request == native_qvl.SGXIOC_VER_DCAP_QUOTE:
             assert len(raw) == 48
             q_ptr, q_size, exp_ptr, res_ptr, supp_size, supp_ptr = struct.unpack("<QI4xQQI4xQ", raw)
             self.seen_quote = ctypes.string_at(q_ptr, q_size)
@@ -145,13 +150,13 @@ def sgx_device(tmp_path: Path) -> Path:
 
 def test_occlum_quote_through_the_documented_struct(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: with_report_data(sample_quote, rd))
-    provider = dcap.OcclumProvider(sgx_device, ioctl=fake)
+    provider = attester.OcclumProvider(sgx_device, ioctl=fake)
     report_data = bytes(range(64))
     quote = provider.get_quote(report_data)
     assert fake.seen_report_data == report_data
     assert quote == with_report_data(sample_quote, report_data)
-    assert dcap.parse_quote(quote).report.report_data == report_data
-    assert fake.calls == [dcap.SGXIOC_GET_DCAP_QUOTE_SIZE, dcap.SGXIOC_GEN_DCAP_QUOTE]
+    assert dcap_quote.parse_quote(quote).report.report_data == report_data
+    assert fake.calls == [attester.SGXIOC_GET_DCAP_QUOTE_SIZE, attester.SGXIOC_GEN_DCAP_QUOTE]
     assert provider.name == "occlum"
 
 
@@ -159,7 +164,7 @@ def test_occlum_quote_from_the_sim_platform_verifies(sim_platform, sgx_device):
     """End to end: the quote our packing delivers is a genuine one for the report_data we asked for."""
     fake = FakeOcclumDevice(lambda rd: sim_platform.make_quote(rd))
     report_data = bytes.fromhex("ab" * 32 + "cd" * 32)
-    quote = dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(report_data)
+    quote = attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(report_data)
     verified = dcap.verify(quote, sim_platform.collateral(), root_ca=sim_platform.root_ca_der)
     assert verified.report_data == report_data
     assert verified.status == "UpToDate"
@@ -167,8 +172,8 @@ def test_occlum_quote_from_the_sim_platform_verifies(sim_platform, sgx_device):
 
 def test_occlum_real_ioctl_on_a_non_device_names_the_errno(sgx_device):
     """The default ioctl (fcntl.ioctl) really accepts our ctypes arguments; a plain file says ENOTTY."""
-    with pytest.raises(dcap.ProviderError, match=r"GET_DCAP_QUOTE_SIZE .* ENOTTY"):
-        dcap.OcclumProvider(sgx_device).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"GET_DCAP_QUOTE_SIZE .* ENOTTY"):
+        attester.OcclumProvider(sgx_device).get_quote(bytes(64))
 
 
 def test_every_occlum_argument_is_one_fcntl_ioctl_accepts(sample_quote, sgx_device):
@@ -182,86 +187,86 @@ def test_every_occlum_argument_is_one_fcntl_ioctl_accepts(sample_quote, sgx_devi
         assert info.value.errno == errno.ENOTTY
         return fake(fd, request, arg)
 
-    provider = dcap.OcclumProvider(sgx_device, ioctl=both)
+    provider = native_qvl.OcclumQvl(sgx_device, ioctl=both)
     provider.get_quote(bytes(64))
     provider.verify_quote(sample_quote)
     assert len(set(fake.calls)) == 4
 
 
 def test_occlum_missing_device(tmp_path):
-    with pytest.raises(dcap.ProviderError, match=r"cannot open .*nosgx: ENOENT"):
-        dcap.OcclumProvider(tmp_path / "nosgx", ioctl=lambda *a: 0).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"cannot open .*nosgx: ENOENT"):
+        attester.OcclumProvider(tmp_path / "nosgx", ioctl=lambda *a: 0).get_quote(bytes(64))
 
 
 @pytest.mark.parametrize(("request_no", "label"), [
-    (dcap.SGXIOC_GET_DCAP_QUOTE_SIZE, "GET_DCAP_QUOTE_SIZE"),
-    (dcap.SGXIOC_GEN_DCAP_QUOTE, "GEN_DCAP_QUOTE"),
+    (attester.SGXIOC_GET_DCAP_QUOTE_SIZE, "GET_DCAP_QUOTE_SIZE"),
+    (attester.SGXIOC_GEN_DCAP_QUOTE, "GEN_DCAP_QUOTE"),
 ])
 def test_occlum_ioctl_failure_is_a_provider_error(sample_quote, sgx_device, request_no, label):
     fake = FakeOcclumDevice(lambda rd: with_report_data(sample_quote, rd), fail={request_no: errno.EIO})
-    with pytest.raises(dcap.ProviderError, match=rf"ioctl {label} on .* failed: EIO"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=rf"ioctl {label} on .* failed: EIO"):
+        attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
 
 
-@pytest.mark.parametrize("size", [0, 100, dcap.MAX_QUOTE_SIZE + 1])
+@pytest.mark.parametrize("size", [0, 100, attester.MAX_QUOTE_SIZE + 1])
 def test_occlum_implausible_quote_size(sample_quote, sgx_device, size):
     fake = FakeOcclumDevice(lambda rd: with_report_data(sample_quote, rd), quote_size=size)
-    with pytest.raises(dcap.ProviderError, match=rf"implausible quote size {size}"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=rf"implausible quote size {size}"):
+        attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
 
 
 def test_occlum_buffer_too_small_is_reported(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: with_report_data(sample_quote, rd), quote_size=len(sample_quote) - 1)
-    with pytest.raises(dcap.ProviderError, match=r"GEN_DCAP_QUOTE .* EINVAL"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"GEN_DCAP_QUOTE .* EINVAL"):
+        attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
 
 
 def test_occlum_short_quote_written_back(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: with_report_data(sample_quote, rd), write_back_size=200)
-    with pytest.raises(dcap.ProviderError, match=r"short quote: 200 bytes"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"short quote: 200 bytes"):
+        attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
 
 
 def test_occlum_size_written_back_beyond_buffer(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: with_report_data(sample_quote, rd),
                             write_back_size=len(sample_quote) + 1)
-    with pytest.raises(dcap.ProviderError, match=r"more than the .*-byte buffer"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"more than the .*-byte buffer"):
+        attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
 
 
 def test_occlum_garbage_quote(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: b"\x07" * len(sample_quote))
-    with pytest.raises(dcap.ProviderError, match=r"malformed quote: .*header"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"malformed quote: .*header"):
+        attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(bytes(64))
 
 
 def test_occlum_quote_for_other_report_data(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: sample_quote)  # ignores the report_data it was given
-    with pytest.raises(dcap.ProviderError, match=r"different report_data"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).get_quote(b"\x01" * 64)
+    with pytest.raises(attester.ProviderError, match=r"different report_data"):
+        attester.OcclumProvider(sgx_device, ioctl=fake).get_quote(b"\x01" * 64)
 
 
 @pytest.mark.parametrize("bad", [b"", bytes(63), bytes(65), "00" * 64])
 def test_report_data_must_be_64_bytes(sgx_device, tmp_path, bad):
-    with pytest.raises(dcap.ProviderError, match="report_data"):
-        dcap.OcclumProvider(sgx_device, ioctl=lambda *a: 0).get_quote(bad)
-    with pytest.raises(dcap.ProviderError, match="report_data"):
-        dcap.GramineProvider(tmp_path).get_quote(bad)
+    with pytest.raises(attester.ProviderError, match="report_data"):
+        attester.OcclumProvider(sgx_device, ioctl=lambda *a: 0).get_quote(bad)
+    with pytest.raises(attester.ProviderError, match="report_data"):
+        attester.GramineProvider(tmp_path).get_quote(bad)
 
 
-@pytest.mark.parametrize(("value", "status"), sorted(dcap.QV_RESULT_STATUS.items()))
+@pytest.mark.parametrize(("value", "status"), sorted(native_qvl.QV_RESULT_STATUS.items()))
 def test_occlum_in_enclave_verification(sample_quote, sgx_device, value, status):
     fake = FakeOcclumDevice(lambda rd: sample_quote, result=value, expiration=1, supplemental_size=336)
-    result = dcap.OcclumProvider(sgx_device, ioctl=fake).verify_quote(sample_quote)
+    result = native_qvl.OcclumQvl(sgx_device, ioctl=fake).verify_quote(sample_quote)
     assert result == (status, 1)
     assert fake.seen_quote == sample_quote
     assert fake.supplemental == b"\x5a" * 336
-    assert fake.calls == [dcap.SGXIOC_GET_DCAP_SUPPLEMENTAL_SIZE, dcap.SGXIOC_VER_DCAP_QUOTE]
+    assert fake.calls == [native_qvl.SGXIOC_GET_DCAP_SUPPLEMENTAL_SIZE, native_qvl.SGXIOC_VER_DCAP_QUOTE]
 
 
 def test_occlum_in_enclave_verification_without_supplemental(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: sample_quote, result=0, supplemental_size=0)
-    assert dcap.OcclumProvider(sgx_device, ioctl=fake).verify_quote(sample_quote) == ("UpToDate", 0)
+    assert native_qvl.OcclumQvl(sgx_device, ioctl=fake).verify_quote(sample_quote) == ("UpToDate", 0)
     assert fake.supplemental is None  # NULL pointer for size 0
 
 
@@ -269,20 +274,20 @@ def test_occlum_in_enclave_verification_without_supplemental(sample_quote, sgx_d
 def test_occlum_in_enclave_verification_refusal(sample_quote, sgx_device, value):
     fake = FakeOcclumDevice(lambda rd: sample_quote, result=value)
     with pytest.raises(dcap.VerificationError, match=f"{value:#06x}") as info:
-        dcap.OcclumProvider(sgx_device, ioctl=fake).verify_quote(sample_quote)
+        native_qvl.OcclumQvl(sgx_device, ioctl=fake).verify_quote(sample_quote)
     assert info.value.check == "native_qvl_result"
 
 
 def test_occlum_verification_result_never_written(sample_quote, sgx_device):
     fake = FakeOcclumDevice(lambda rd: sample_quote, write_result=False)
     with pytest.raises(dcap.VerificationError, match="unknown sgx_ql_qv_result_t"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).verify_quote(sample_quote)
+        native_qvl.OcclumQvl(sgx_device, ioctl=fake).verify_quote(sample_quote)
 
 
 def test_occlum_verification_ioctl_failure(sample_quote, sgx_device):
-    fake = FakeOcclumDevice(lambda rd: sample_quote, fail={dcap.SGXIOC_VER_DCAP_QUOTE: errno.EIO})
-    with pytest.raises(dcap.ProviderError, match=r"VER_DCAP_QUOTE .* EIO"):
-        dcap.OcclumProvider(sgx_device, ioctl=fake).verify_quote(sample_quote)
+    fake = FakeOcclumDevice(lambda rd: sample_quote, fail={native_qvl.SGXIOC_VER_DCAP_QUOTE: errno.EIO})
+    with pytest.raises(attester.ProviderError, match=r"VER_DCAP_QUOTE .* EIO"):
+        native_qvl.OcclumQvl(sgx_device, ioctl=fake).verify_quote(sample_quote)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def gramine_dir(tmp_path, sample_quote):
 
 def test_gramine_quote_follows_user_report_data(gramine_dir, sample_quote):
     d = gramine_dir()
-    provider = dcap.GramineProvider(d.root)
+    provider = attester.GramineProvider(d.root)
     for report_data in (bytes(range(64)), b"\xee" * 64):
         assert provider.get_quote(report_data) == with_report_data(sample_quote, report_data)
     assert d.served == [bytes(range(64)), b"\xee" * 64]
@@ -364,7 +369,7 @@ def test_gramine_quote_follows_user_report_data(gramine_dir, sample_quote):
 def test_gramine_quote_from_the_sim_platform_verifies(gramine_dir, sim_platform):
     d = gramine_dir(lambda rd: sim_platform.make_quote(rd, isv_svn=3))
     report_data = b"\x42" * 64
-    quote = dcap.GramineProvider(d.root).get_quote(report_data)
+    quote = attester.GramineProvider(d.root).get_quote(report_data)
     verified = dcap.verify(quote, sim_platform.collateral(), root_ca=sim_platform.root_ca_der)
     assert (verified.report_data, verified.isv_svn) == (report_data, 3)
 
@@ -372,51 +377,51 @@ def test_gramine_quote_from_the_sim_platform_verifies(gramine_dir, sim_platform)
 @pytest.mark.parametrize("kind", [b"epid", b"none", b""])
 def test_gramine_wrong_attestation_type(gramine_dir, kind):
     d = gramine_dir(attestation_type=kind)
-    with pytest.raises(dcap.ProviderError, match=rf"attestation_type is '{kind.decode()}', need 'dcap'"):
-        dcap.GramineProvider(d.root).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=rf"attestation_type is '{kind.decode()}', need 'dcap'"):
+        attester.GramineProvider(d.root).get_quote(bytes(64))
     assert d.served == []
 
 
 def test_gramine_attestation_type_with_newline(gramine_dir, sample_quote):
     d = gramine_dir(attestation_type=b"dcap\n")
-    assert dcap.GramineProvider(d.root).get_quote(bytes(64)) == with_report_data(sample_quote, bytes(64))
+    assert attester.GramineProvider(d.root).get_quote(bytes(64)) == with_report_data(sample_quote, bytes(64))
 
 
 def test_gramine_missing_interface(tmp_path):
-    with pytest.raises(dcap.ProviderError, match=r"cannot read .*attestation_type: ENOENT"):
-        dcap.GramineProvider(tmp_path / "absent").get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"cannot read .*attestation_type: ENOENT"):
+        attester.GramineProvider(tmp_path / "absent").get_quote(bytes(64))
 
 
 def test_gramine_missing_quote_file(tmp_path):
     (tmp_path / "attestation_type").write_text("dcap")
     (tmp_path / "user_report_data").write_bytes(b"")
-    with pytest.raises(dcap.ProviderError, match=r"cannot read .*quote: ENOENT"):
-        dcap.GramineProvider(tmp_path).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"cannot read .*quote: ENOENT"):
+        attester.GramineProvider(tmp_path).get_quote(bytes(64))
 
 
 def test_gramine_unwritable_user_report_data(tmp_path):
     (tmp_path / "attestation_type").write_text("dcap")
     (tmp_path / "user_report_data").mkdir()
-    with pytest.raises(dcap.ProviderError, match=r"cannot write .*user_report_data: EISDIR"):
-        dcap.GramineProvider(tmp_path).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"cannot write .*user_report_data: EISDIR"):
+        attester.GramineProvider(tmp_path).get_quote(bytes(64))
 
 
 def test_gramine_short_quote(gramine_dir):
     d = gramine_dir(lambda rd: b"\x03\x00" * 50)
-    with pytest.raises(dcap.ProviderError, match=r"short quote: 100 bytes"):
-        dcap.GramineProvider(d.root).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"short quote: 100 bytes"):
+        attester.GramineProvider(d.root).get_quote(bytes(64))
 
 
 def test_gramine_stale_quote(gramine_dir, sample_quote):
     d = gramine_dir(lambda rd: sample_quote)  # a quote that ignores user_report_data
-    with pytest.raises(dcap.ProviderError, match=r"different report_data"):
-        dcap.GramineProvider(d.root).get_quote(b"\x99" * 64)
+    with pytest.raises(attester.ProviderError, match=r"different report_data"):
+        attester.GramineProvider(d.root).get_quote(b"\x99" * 64)
 
 
 def test_gramine_truncated_quote(gramine_dir, sample_quote):
     d = gramine_dir(lambda rd: with_report_data(sample_quote, rd)[:-1])
-    with pytest.raises(dcap.ProviderError, match=r"malformed quote"):
-        dcap.GramineProvider(d.root).get_quote(bytes(64))
+    with pytest.raises(attester.ProviderError, match=r"malformed quote"):
+        attester.GramineProvider(d.root).get_quote(bytes(64))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -489,15 +494,15 @@ def test_qv_result_values_are_intels():
             "OUT_OF_DATE": "OutOfDate", "OUT_OF_DATE_CONFIG_NEEDED": "OutOfDateConfigurationNeeded",
             "REVOKED": "Revoked", "SW_HARDENING_NEEDED": "SWHardeningNeeded",
             "CONFIG_AND_SW_HARDENING_NEEDED": "ConfigurationAndSWHardeningNeeded"}
-    assert {intel[k]: v for k, v in ours.items()} == dcap.QV_RESULT_STATUS
-    assert set(dcap.QV_RESULT_STATUS.values()) == set(dcap.TCB_STATUSES)
-    assert {intel["INVALID_SIGNATURE"], intel["UNSPECIFIED"]} <= set(dcap.QV_RESULT_ERRORS)
+    assert {intel[k]: v for k, v in ours.items()} == native_qvl.QV_RESULT_STATUS
+    assert set(native_qvl.QV_RESULT_STATUS.values()) == set(dcap.TCB_STATUSES)
+    assert {intel["INVALID_SIGNATURE"], intel["UNSPECIFIED"]} <= set(native_qvl.QV_RESULT_ERRORS)
 
 
 def test_native_qvl_marshals_every_argument(stub, qvl_stub, sample_quote):
     quote = steered(sample_quote, 0xA008)
     before = stub.calls
-    verifier = dcap.NativeQvlVerifier(str(qvl_stub))
+    verifier = native_qvl.NativeQvlVerifier(str(qvl_stub))
     assert verifier.supplemental_data_size() == 1024
     assert verifier.verify(quote, now=1750330631) == ("ConfigurationAndSWHardeningNeeded", 0)
     assert stub.calls == before + 1
@@ -511,26 +516,27 @@ def test_native_qvl_marshals_every_argument(stub, qvl_stub, sample_quote):
 
 def test_native_qvl_default_date_is_now(stub, qvl_stub, sample_quote):
     before = int(time.time())
-    dcap.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0))
+    native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0))
     assert before <= stub.date <= int(time.time())
 
 
-@pytest.mark.parametrize(("value", "status"), sorted(dcap.QV_RESULT_STATUS.items()))
+@pytest.mark.parametrize(("value", "status"), sorted(native_qvl.QV_RESULT_STATUS.items()))
 def test_native_qvl_statuses(stub, qvl_stub, sample_quote, value, status):
-    result = dcap.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, value, expiration=value & 1))
+    result = native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(
+        steered(sample_quote, value, expiration=value & 1))
     assert result.status == status
     assert result.collateral_expiration_status == value & 1
 
 
 def test_native_qvl_passes_collateral(stub, qvl_stub, sample_quote, samples_dir):
-    coll = dcap.Collateral.from_json((samples_dir / "intel-sgx-v3" / "collateral.json").read_text())
-    dcap.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0), now=1, collateral=coll)
+    coll = Collateral.from_json((samples_dir / "intel-sgx-v3" / "collateral.json").read_text())
+    native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0), now=1, collateral=coll)
     assert stub.collateral_null == 0
     assert stub.collateral_version == 3  # major 3, minor 0: CRLs as base16 DER
     assert stub.collateral_tee_type == 0
     fields = [stub.field(i) for i in range(7)]
-    expected = dcap.collateral_strings(coll)
-    assert fields == [expected[name] for name in dcap.COLLATERAL_FIELDS]
+    expected = native_qvl.collateral_strings(coll)
+    assert fields == [expected[name] for name in native_qvl.COLLATERAL_FIELDS]
     assert all(f.endswith(b"\0") and f.count(b"\0") == 1 for f in fields)
     # what QVL parses: PEM chains, hex CRLs, and the PCS bodies around the exact signed JSON
     assert fields[0].startswith(b"-----BEGIN CERTIFICATE-----")
@@ -547,21 +553,22 @@ def test_native_qvl_passes_collateral(stub, qvl_stub, sample_quote, samples_dir)
 
 def test_native_qvl_without_supplemental(stub, qvl_stub, sample_quote):
     stub.lib.stub_set_supplemental(0, 0)
-    result = dcap.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0xA001))
+    result = native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0xA001))
     assert result.status == "ConfigurationNeeded"
     assert (stub.supp_size_arg, stub.supp_null) == (0, 1)
 
 
 def test_native_qvl_supplemental_size_failure(stub, qvl_stub, sample_quote):
     stub.lib.stub_set_supplemental(0, 0xE001)
-    with pytest.raises(dcap.ProviderError, match=r"supplemental_data_size returned SGX_QL_ERROR_UNEXPECTED"):
-        dcap.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0))
+    with pytest.raises(attester.ProviderError,
+                       match=r"supplemental_data_size returned SGX_QL_ERROR_UNEXPECTED"):
+        native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0))
 
 
 @pytest.mark.parametrize("value", [0xA004, 0xA006, 0xA0FF])
 def test_native_qvl_not_genuine_result(stub, qvl_stub, sample_quote, value):
     with pytest.raises(dcap.VerificationError, match=f"{value:#06x}") as info:
-        dcap.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, value))
+        native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, value))
     assert info.value.check == "native_qvl_result"
 
 
@@ -571,41 +578,41 @@ def test_native_qvl_not_genuine_result(stub, qvl_stub, sample_quote, value):
     (0xE031, dcap.VerificationError, "SGX_QL_PCK_REVOKED"),
     (0xE034, dcap.CollateralUnavailable, "SGX_QL_UNABLE_TO_GET_COLLATERAL"),
     (0xE041, dcap.CollateralUnavailable, "SGX_QL_NETWORK_FAILURE"),
-    (0xE052, dcap.ProviderError, "SGX_QL_PSW_NOT_AVAILABLE"),
+    (0xE052, attester.ProviderError, "SGX_QL_PSW_NOT_AVAILABLE"),
     (0xE0AB, dcap.VerificationError, "quote3_error_t"),
 ])
 def test_native_qvl_error_codes(stub, qvl_stub, sample_quote, rc, error, name):
     with pytest.raises(error, match=rf"{name} \({rc:#06x}\)"):
-        dcap.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0, rc=rc))
+        native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(steered(sample_quote, 0, rc=rc))
 
 
 def test_native_qvl_short_input_reaches_the_library(stub, qvl_stub):
     with pytest.raises(dcap.VerificationError, match="SGX_QL_QUOTE_FORMAT_UNSUPPORTED"):
-        dcap.NativeQvlVerifier(str(qvl_stub)).verify(b"\x03\x00")
+        native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(b"\x03\x00")
     assert stub.quote_size == 2
-    with pytest.raises(dcap.ProviderError, match="quote size 0"):
-        dcap.NativeQvlVerifier(str(qvl_stub)).verify(b"")
+    with pytest.raises(attester.ProviderError, match="quote size 0"):
+        native_qvl.NativeQvlVerifier(str(qvl_stub)).verify(b"")
 
 
-@pytest.mark.skipif(not dcap.native_qvl_available(), reason="Intel QVL library not installed")
+@pytest.mark.skipif(not native_qvl.native_qvl_available(), reason="Intel QVL library not installed")
 def test_real_intel_qvl_agrees_on_the_intel_sample(sample_quote, samples_dir):
     """Where Intel's library is installed: its verdict on the real sample, with our collateral."""
     sample = samples_dir / "intel-sgx-v3"
-    coll = dcap.Collateral.from_json((sample / "collateral.json").read_text())
+    coll = Collateral.from_json((sample / "collateral.json").read_text())
     expected = json.loads((sample / "expected.json").read_text())
     now = 1750330631
     ours = dcap.verify(sample_quote, coll, now=now)
-    native = dcap.NativeQvlVerifier().verify(sample_quote, now=now, collateral=coll)
+    native = native_qvl.NativeQvlVerifier().verify(sample_quote, now=now, collateral=coll)
     assert native == (ours.status, 0)
     assert ours.status == expected["status"]
 
 
 def test_native_qvl_availability(qvl_stub, tmp_path):
-    assert dcap.native_qvl_available(str(qvl_stub))
-    assert not dcap.native_qvl_available(str(tmp_path / "libsgx_dcap_quoteverify.so.1"))
-    assert not dcap.native_qvl_available("libc.so.6")  # loads, but lacks the entry points
-    with pytest.raises(dcap.ProviderError, match=r"cannot load .*libnothere\.so"):
-        dcap.NativeQvlVerifier(str(tmp_path / "libnothere.so"))
+    assert native_qvl.native_qvl_available(str(qvl_stub))
+    assert not native_qvl.native_qvl_available(str(tmp_path / "libsgx_dcap_quoteverify.so.1"))
+    assert not native_qvl.native_qvl_available("libc.so.6")  # loads, but lacks the entry points
+    with pytest.raises(attester.ProviderError, match=r"cannot load .*libnothere\.so"):
+        native_qvl.NativeQvlVerifier(str(tmp_path / "libnothere.so"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -619,7 +626,7 @@ def test_detect_occlum(tmp_path):
     nothing = str(tmp_path / "no-attestation")
 
     def detect(device, environ):
-        return dcap.detect_provider(occlum_device=device, gramine_root=nothing, environ=environ)
+        return attester.detect_provider(occlum_device=device, gramine_root=nothing, environ=environ)
 
     assert detect(str(dev), {"OCCLUM": "yes"}) == "occlum"
     # a plain file without Occlum's environment is not Occlum
@@ -632,7 +639,7 @@ def test_detect_occlum(tmp_path):
 def test_detect_host_sgx_driver_directory_is_not_occlum(tmp_path):
     dev = tmp_path / "sgx"
     (dev / "enclave").parent.mkdir()
-    assert dcap.detect_provider(occlum_device=str(dev), gramine_root=str(tmp_path / "x"),
+    assert attester.detect_provider(occlum_device=str(dev), gramine_root=str(tmp_path / "x"),
                               environ={"OCCLUM": "yes"}) is None
 
 
@@ -641,7 +648,8 @@ def test_detect_gramine(tmp_path):
     root.mkdir()
 
     def detect():
-        return dcap.detect_provider(occlum_device=str(tmp_path / "nosgx"), gramine_root=str(root), environ={})
+        return attester.detect_provider(occlum_device=str(tmp_path / "nosgx"), gramine_root=str(root),
+                                        environ={})
 
     assert detect() is None
     (root / "quote").write_bytes(b"")
@@ -654,33 +662,33 @@ def test_get_provider_by_detection(tmp_path):
     root = tmp_path / "attestation"
     root.mkdir()
     (root / "quote").write_bytes(b"")
-    p = dcap.get_provider(device=str(dev), root=str(root), environ={"OCCLUM": "yes"})
-    assert isinstance(p, dcap.OcclumProvider) and p.device == str(dev)
-    g = dcap.get_provider(device=str(dev), root=str(root), environ={})
-    assert isinstance(g, dcap.GramineProvider) and g.root == root
+    p = attester.get_provider(device=str(dev), root=str(root), environ={"OCCLUM": "yes"})
+    assert isinstance(p, attester.OcclumProvider) and p.device == str(dev)
+    g = attester.get_provider(device=str(dev), root=str(root), environ={})
+    assert isinstance(g, attester.GramineProvider) and g.root == root
 
 
 def test_get_provider_nothing_detected_names_what_was_looked_for(tmp_path):
-    with pytest.raises(dcap.ProviderError, match=r"no SGX quote provider detected") as info:
-        dcap.get_provider(device=str(tmp_path / "sgx"), root=str(tmp_path / "att"), environ={})
+    with pytest.raises(attester.ProviderError, match=r"no SGX quote provider detected") as info:
+        attester.get_provider(device=str(tmp_path / "sgx"), root=str(tmp_path / "att"), environ={})
     assert str(tmp_path / "sgx") in str(info.value)
     assert str(tmp_path / "att" / "quote") in str(info.value)
 
 
 def test_get_provider_by_name(tmp_path):
-    p = dcap.get_provider("occlum", device=str(tmp_path / "dev"))
+    p = attester.get_provider("occlum", device=str(tmp_path / "dev"))
     assert (p.name, p.device) == ("occlum", str(tmp_path / "dev"))
-    g = dcap.get_provider("gramine", root=str(tmp_path))
+    g = attester.get_provider("gramine", root=str(tmp_path))
     assert (g.name, g.root) == ("gramine", tmp_path)
-    assert dcap.get_provider("occlum").device == "/dev/sgx"
-    assert dcap.get_provider("gramine").root == Path("/dev/attestation")
+    assert attester.get_provider("occlum").device == "/dev/sgx"
+    assert attester.get_provider("gramine").root == Path("/dev/attestation")
 
 
 def test_get_provider_sim(sim_platform):
-    p = dcap.get_provider("sim", sim_dir=sim_platform.directory)
+    p = attester.get_provider("sim", sim_dir=sim_platform.directory)
     assert p.name == "sim"
     quote = p.get_quote(b"\x11" * 64)
-    assert dcap.parse_quote(quote).report.report_data == b"\x11" * 64
+    assert dcap_quote.parse_quote(quote).report.report_data == b"\x11" * 64
 
 
 @pytest.mark.parametrize(("name", "options", "message"), [
@@ -691,5 +699,5 @@ def test_get_provider_sim(sim_platform):
     ("sim", {"colour": "red"}, r"sim provider: "),
 ])
 def test_get_provider_refusals(name, options, message):
-    with pytest.raises(dcap.ProviderError, match=message):
-        dcap.get_provider(name, **options)
+    with pytest.raises(attester.ProviderError, match=message):
+        attester.get_provider(name, **options)

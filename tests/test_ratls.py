@@ -15,34 +15,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
+from der_writer import oid_raw, seq, tlv
 
+import attester
 import dcap
+import dcap_quote
 import ratls
+import ratls_attest
+from dcap_collateral import Collateral
 
 MR_ENCLAVE = bytes.fromhex("3f2a" + "11" * 28 + "a1b2")
 MR_SIGNER = bytes.fromhex("5e" * 32)
 OTHER_ENCLAVE = bytes.fromhex("77" * 32)
 
 # -------------------------------------------------------------------------------------------------
-# A tiny DER writer, independent of ratls, used to build certificates the way mbedtls/OpenSSL do.
-
-
-def tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
-
-
-def seq(*items: bytes) -> bytes:
-    return tlv(0x30, b"".join(items))
-
-
-def oid_raw(content: bytes) -> bytes:
-    return tlv(0x06, content)
+# Certificates built the way mbedtls/OpenSSL do, with the tests' own DER writer (tests/der.py).
 
 
 def extension(oid_content: bytes, value: bytes, critical: bool = False) -> bytes:
@@ -131,7 +118,7 @@ def spki_of(key) -> bytes:
 
 
 def spki_hash(key) -> bytes:
-    return ratls.pubkey_hash(key.public_key())
+    return ratls_attest.pubkey_hash(key.public_key())
 
 
 def rd(first32: bytes) -> bytes:
@@ -167,12 +154,12 @@ def provider(sim_dir):
 @pytest.fixture(scope="module")
 def p256(provider):
     """One cczoo P-256 certificate reused by many refusal tests."""
-    return ratls.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="cczoo")
+    return ratls_attest.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="cczoo")
 
 
 @pytest.fixture(scope="module")
 def gram(provider):
-    return ratls.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="gramine")
+    return ratls_attest.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="gramine")
 
 
 def policy(**kw) -> ratls.ReferenceValues:
@@ -200,7 +187,7 @@ def evidence_error(cert, verifier, **kw) -> ratls.EvidenceError:
 @pytest.mark.parametrize("key_type", ["p256", "p384", "rsa3072"])
 def test_round_trip(provider, verifier, fmt, key_type):
     before = int(time.time())
-    der, key = ratls.make_certificate(provider(isv_prod_id=3, isv_svn=9), fmt=fmt, key_type=key_type)
+    der, key = ratls_attest.make_certificate(provider(isv_prod_id=3, isv_svn=9), fmt=fmt, key_type=key_type)
     ident = ratls.verify_evidence(der, verifier)
     assert ident.mr_enclave == MR_ENCLAVE and ident.mr_signer == MR_SIGNER
     assert (ident.isv_prod_id, ident.isv_svn, ident.debug) == (3, 9, False)
@@ -217,12 +204,12 @@ def test_round_trip(provider, verifier, fmt, key_type):
     assert ident.collateral_expiry > time.time()
     assert policy(isv_prod_id=3, min_isv_svn=9).appraise(ident) == ratls.Decision(True, None)
     # PEM input is accepted too
-    assert ratls.verify_evidence(ratls.cert_to_pem(der), verifier).mr_enclave == MR_ENCLAVE
+    assert ratls.verify_evidence(ratls_attest.cert_to_pem(der), verifier).mr_enclave == MR_ENCLAVE
 
 
 def test_default_key_types(provider):
-    _, k1 = ratls.make_certificate(provider(), fmt="cczoo")
-    _, k2 = ratls.make_certificate(provider(), fmt="gramine")
+    _, k1 = ratls_attest.make_certificate(provider(), fmt="cczoo")
+    _, k2 = ratls_attest.make_certificate(provider(), fmt="gramine")
     assert k1.curve.name == "secp256r1" and k2.curve.name == "secp384r1"
 
 
@@ -231,7 +218,7 @@ def test_cczoo_layout(p256):
     cert = x509.load_der_x509_certificate(der)
     assert [e.oid.dotted_string for e in cert.extensions] == ["1.2.840.113741.1"]
     assert cert.extensions[0].critical is False
-    quote = dcap.parse_quote(ext_value(der, "1.2.840.113741.1"))  # the raw quote is the value
+    quote = dcap_quote.parse_quote(ext_value(der, "1.2.840.113741.1"))  # the raw quote is the value
     assert quote.report.report_data == spki_hash(key) + bytes(32)
     assert cert.serial_number == 1
     assert cert.subject == cert.issuer == x509.Name(
@@ -269,19 +256,19 @@ def test_cczoo_original_style_certificate(provider, verifier):
 
 
 def test_extra_report_data(provider, verifier):
-    der, key = ratls.make_certificate(provider(), extra_report_data=b"nonce-123")
+    der, key = ratls_attest.make_certificate(provider(), extra_report_data=b"nonce-123")
     ident = ratls.verify_evidence(der, verifier)
     assert ident.report_data == spki_hash(key) + b"nonce-123" + bytes(23)
 
 
 def test_validity_is_configurable_and_bounded(provider):
-    der, _ = ratls.make_certificate(provider(), validity_seconds=120, now=1_800_000_000)
+    der, _ = ratls_attest.make_certificate(provider(), validity_seconds=120, now=1_800_000_000)
     cert = x509.load_der_x509_certificate(der)
     assert cert.not_valid_before_utc.timestamp() == 1_800_000_000 - 60
     assert cert.not_valid_after_utc.timestamp() == 1_800_000_120
     for bad in (0, -5, 20 * 365 * 86400):
         with pytest.raises(ValueError, match="validity"):
-            ratls.make_certificate(provider(), validity_seconds=bad)
+            ratls_attest.make_certificate(provider(), validity_seconds=bad)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -300,7 +287,7 @@ def test_gramine_tbs_is_byte_for_byte_ra_tls_attest(gram):
     # the legacy OID appears in the DER exactly as ra_tls.h spells it (tag+length inside the OID)
     assert tlv(0x06, OID_GRAMINE_LEGACY_AS_WRITTEN) in der
     # legacy quote: report_data = SHA256(SPKI) || zeros
-    assert dcap.parse_quote(legacy).report.report_data == rd(spki_hash(key))
+    assert dcap_quote.parse_quote(legacy).report.report_data == rd(spki_hash(key))
     # DICE: tag 60000 [bstr quote, bstr claims]; claims = {"pubkey-hash": bstr([1, bstr sha256])}
     assert evidence[:3] == bytes.fromhex("d9ea60") and evidence[3] == 0x82
     tagged = cbor2.loads(evidence)
@@ -308,7 +295,7 @@ def test_gramine_tbs_is_byte_for_byte_ra_tls_attest(gram):
     assert claims == (
         b"\xa1\x6bpubkey-hash" + bytes.fromhex("582482015820") + spki_hash(key)
     )
-    assert dcap.parse_quote(quote).report.report_data == rd(hashlib.sha256(claims).digest())
+    assert dcap_quote.parse_quote(quote).report.report_data == rd(hashlib.sha256(claims).digest())
     assert quote != legacy  # two quotes: Gramine asks /dev/attestation twice
 
 
@@ -345,8 +332,8 @@ def test_gramine_proper_oid_also_accepted(provider, verifier):
 
 def test_gramine_extensions_with_different_quotes_refused(provider, verifier):
     key = ec.generate_private_key(ec.SECP384R1())
-    claims = ratls.dice_claims(key.public_key())
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
+    claims = ratls_attest.dice_claims(key.public_key())
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
     now = int(time.time())
     # legacy quote of another enclave, correctly bound to the same key
     other = provider(mr_enclave=OTHER_ENCLAVE).get_quote(rd(spki_hash(key)))
@@ -367,13 +354,13 @@ def test_gramine_extensions_with_different_quotes_refused(provider, verifier):
 def test_dice_claims_of_another_key_refused(provider, verifier):
     key = ec.generate_private_key(ec.SECP256R1())
     other = ec.generate_private_key(ec.SECP256R1())
-    claims = ratls.dice_claims(other.public_key())
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
+    claims = ratls_attest.dice_claims(other.public_key())
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
     err = evidence_error(crafted_cert(key, [extension(OID_DICE, dice)]), verifier)
     assert err.step == "binding" and "another public key" in str(err)
     # report_data not the hash of the claims it travels with
-    mine = ratls.dice_claims(key.public_key())
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), mine)
+    mine = ratls_attest.dice_claims(key.public_key())
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), mine)
     err = evidence_error(crafted_cert(key, [extension(OID_DICE, dice)]), verifier)
     assert err.step == "binding" and "claims" in str(err)
 
@@ -413,7 +400,7 @@ def test_malformed_dice_evidence(provider, verifier, build, needle):
     def mk(claims: bytes) -> bytes:
         return prov.get_quote(rd(hashlib.sha256(claims).digest()))
 
-    evidence = build(mk, ratls.dice_claims(key.public_key()))
+    evidence = build(mk, ratls_attest.dice_claims(key.public_key()))
     err = evidence_error(crafted_cert(key, [extension(OID_DICE, evidence)]), verifier)
     assert needle in str(err)
     assert err.step == "dice_evidence"
@@ -424,7 +411,7 @@ def test_dice_sha384_hash_entry_accepted(provider, verifier):
     key = ec.generate_private_key(ec.SECP384R1())
     spki = spki_of(key)
     claims = cbor2.dumps({"pubkey-hash": cbor2.dumps([7, hashlib.sha384(spki).digest()])})
-    dice = ratls.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
+    dice = ratls_attest.dice_evidence(provider().get_quote(rd(hashlib.sha256(claims).digest())), claims)
     ident = ratls.verify_evidence(crafted_cert(key, [extension(OID_DICE, dice)]), verifier)
     assert ident.evidence_format == "dice"
 
@@ -468,8 +455,8 @@ class _ConstProvider:
 
 
 def test_provider_returning_wrong_quote_is_caught(p256):
-    with pytest.raises(dcap.ProviderError, match="different report_data"):
-        ratls.make_certificate(_ConstProvider(ext_value(p256[0], "1.2.840.113741.1")))
+    with pytest.raises(attester.ProviderError, match="different report_data"):
+        ratls_attest.make_certificate(_ConstProvider(ext_value(p256[0], "1.2.840.113741.1")))
 
 
 def test_report_data_of_another_key(provider, verifier):
@@ -496,8 +483,8 @@ def test_extension_duplicated(p256, verifier):
     err = evidence_error(der, verifier)
     assert err.step == "evidence_extension" and "more than once" in str(err)
     # two quote extensions of different kinds (not Gramine's pair)
-    claims = ratls.dice_claims(key.public_key())
-    dice = ratls.dice_evidence(quote, claims)
+    claims = ratls_attest.dice_claims(key.public_key())
+    dice = ratls_attest.dice_evidence(quote, claims)
     der = crafted_cert(key, [extension(OID_CCZOO, quote), extension(OID_DICE, dice)])
     err = evidence_error(der, verifier)
     assert err.step == "evidence_extension" and "more than one quote" in str(err)
@@ -520,7 +507,7 @@ def test_garbage_quote_and_garbage_certificate(verifier):
 
 def test_quote_not_genuine_wraps_dcap_error(p256, samples_dir):
     intel_only = dcap.Verifier(
-        dcap.Collateral.from_json((samples_dir / "intel-sgx-v3" / "collateral.json").read_text()),
+        Collateral.from_json((samples_dir / "intel-sgx-v3" / "collateral.json").read_text()),
         root_ca=dcap.intel_root_ca(),
     )
     err = evidence_error(p256[0], intel_only)
@@ -529,7 +516,7 @@ def test_quote_not_genuine_wraps_dcap_error(p256, samples_dir):
 
 
 def test_certificate_dates_are_not_genuineness(provider, verifier):
-    der, _ = ratls.make_certificate(provider(), validity_seconds=5)
+    der, _ = ratls_attest.make_certificate(provider(), validity_seconds=5)
     later = int(time.time()) + 3600
     ident = ratls.verify_evidence(der, verifier, now=later)  # still genuine
     decision = policy().appraise(ident, now=later)
@@ -543,7 +530,7 @@ def test_certificate_dates_are_not_genuineness(provider, verifier):
 
 
 def test_debug_enclave_refused(provider, verifier):
-    ident = ratls.verify_evidence(ratls.make_certificate(provider(debug=True))[0], verifier)
+    ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(debug=True))[0], verifier)
     assert ident.debug is True
     assert policy().appraise(ident) == ratls.Decision(False, "debug enclave refused")
     assert policy(allow_debug=True).appraise(ident).accepted
@@ -551,7 +538,7 @@ def test_debug_enclave_refused(provider, verifier):
 
 @pytest.mark.parametrize("status", ["SWHardeningNeeded", "OutOfDate", "ConfigurationAndSWHardeningNeeded"])
 def test_disallowed_tcb_status(provider, verifier, status):
-    ident = ratls.verify_evidence(ratls.make_certificate(provider(tcb=status))[0], verifier)
+    ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(tcb=status))[0], verifier)
     assert ident.tcb_status == status
     expected = ratls.Decision(False, f"TCB status {status} not allowed for app 2")
     assert policy().appraise(ident, app="2") == expected
@@ -565,11 +552,12 @@ def test_revoked_never_allowed(provider, verifier):
         ratls.ReferenceValues(mr_enclave=MR_ENCLAVE, allowed_tcb_statuses=frozenset({"Revoked"}))
     # a Revoked platform is refused whatever else the policy allows
     try:
-        ident = ratls.verify_evidence(ratls.make_certificate(provider(tcb="Revoked"))[0], verifier)
+        ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(tcb="Revoked"))[0], verifier)
     except ratls.EvidenceError as e:  # a verifier may already call a revoked TCB not genuine
         assert e.step == "quote_verification"
         ident = dataclasses.replace(
-            ratls.verify_evidence(ratls.make_certificate(provider())[0], verifier), tcb_status="Revoked"
+            ratls.verify_evidence(ratls_attest.make_certificate(provider())[0], verifier),
+            tcb_status="Revoked"
         )
     assert ident.tcb_status == "Revoked"
     everything = [s for s in ratls.ALLOWABLE_TCB_STATUSES]
@@ -578,7 +566,8 @@ def test_revoked_never_allowed(provider, verifier):
 
 
 def test_advisories(provider, verifier):
-    ident = ratls.verify_evidence(ratls.make_certificate(provider(tcb="SWHardeningNeeded"))[0], verifier)
+    cert = ratls_attest.make_certificate(provider(tcb="SWHardeningNeeded"))[0]
+    ident = ratls.verify_evidence(cert, verifier)
     assert "INTEL-SA-00615" in ident.advisory_ids
     allow = ["UpToDate", "SWHardeningNeeded"]
     # advisories alone never refuse
@@ -686,7 +675,7 @@ def rats_rs(samples_dir):
     d = samples_dir / "ratls-real" / "rats-rs-demo-sgx-cert"
     expected = json.loads((d / "expected.json").read_text())
     v = dcap.Verifier(
-        dcap.Collateral.from_json((d / "collateral.json").read_text()),
+        Collateral.from_json((d / "collateral.json").read_text()),
         root_ca=(samples_dir / "real-dcap" / "IntelSGXRootCA.der").read_bytes(),
     )
     return d, expected, v
@@ -703,7 +692,7 @@ def test_rats_rs_certificate(rats_rs):
     assert ident.attributes.hex() == expected["attributes"]
     assert ident.report_data.hex() == expected["report_data"]
     assert ident.cert_der == (d / "cert.der").read_bytes()
-    assert ratls.pubkey_hash(ident.public_key).hex().startswith("8d5e52bb")
+    assert ratls_attest.pubkey_hash(ident.public_key).hex().startswith("8d5e52bb")
     # same result from DER
     assert ratls.verify_evidence((d / "cert.der").read_bytes(), v, now=now).mr_enclave == ident.mr_enclave
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-import ratls
+import ratls_attest
 
 MR_ENCLAVE = "c0ffee" + "42" * 29
 MR_SIGNER = "51" * 32
@@ -52,7 +52,7 @@ def verify(repo: Path, sim: Path, cert: Path, *extra: str) -> tuple[int, dict, s
 
 def test_make_writes_pem_and_private_key_0600(made):
     assert stat.S_IMODE((made / "g.key").stat().st_mode) == 0o600
-    key = ratls.load_key_pem((made / "g.key").read_bytes())
+    key = ratls_attest.load_key_pem((made / "g.key").read_bytes())
     cert = x509.load_pem_x509_certificate((made / "g.pem").read_bytes())
     assert key.curve.name == "secp384r1"
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 import asps_client
 import asps_pb2
 import asps_server
+import asps_wire
 import kms
 import secretmanager_pb2
 import secretmanager_pb2_grpc
@@ -119,7 +120,7 @@ def test_transcript_bytes_exactly_as_documented():
         + b"\x00\x00\x00\x0amaster_key"
         + b"\x00\x00\x00\x02\xc3\xa9"
     )
-    assert asps_client.transcript(token, evidence, names) == expected
+    assert asps_wire.transcript(token, evidence, names) == expected
     assert asps_server.transcript(token, evidence, names) == expected
     assert asps_server.transcript(b"", b"", []) == b"asps/v1 get-secrets" + bytes(4) + hashlib.sha256(
         b""
@@ -189,7 +190,7 @@ def test_steps_without_grpc(server, env, ev1):
     """The pipeline's functions called directly, as the module docstring promises."""
     der = asps_server.evidence_der(ev1.cert_der)
     token = b"t" * asps_server.TOKEN_BYTES
-    sig = asps_client.sign_transcript(ev1.private_key, asps_client.transcript(token, der, []))
+    sig = asps_wire.sign_transcript(ev1.private_key, asps_wire.transcript(token, der, []))
     key = asps_server.check_signature(der, token, [], sig)
     ident = asps_server.verify_evidence(der, server.provisioner.verifier)
     grant = asps_server.decide(server.provisioner.policy, ident, [])
@@ -198,7 +199,7 @@ def test_steps_without_grpc(server, env, ev1):
     sealed = asps_server.seal(asps_server.sealing_suite(key), key, values, token)
     assert asps_client.open_bundle(ev1.private_key, sealed, token)["secret1"] == VALUES["a1_other"].encode()
     # PEM evidence hashes as its DER
-    assert asps_server.evidence_der(asps_client.ratls.cert_to_pem(ev1.cert_der)) == der
+    assert asps_server.evidence_der(asps_client.ratls_attest.cert_to_pem(ev1.cert_der)) == der
 
 
 def _varint(n: int) -> bytes:
@@ -310,7 +311,7 @@ def test_client_library_and_p384_and_pem_evidence(server, env):
     ev = env.evidence(ENCLAVE_1, key_type="p384", fmt="gramine")
     c = Client(f"127.0.0.1:{server.port}", env.ca)
     try:
-        pem = asps_client.ratls.cert_to_pem(ev.cert_der)
+        pem = asps_client.ratls_attest.cert_to_pem(ev.cert_der)
         assert c.get(ev, ["secret1"], evidence_bytes=pem) == (
             "app1",
             {"secret1": VALUES["a1_other"].encode()},
@@ -395,8 +396,8 @@ def test_evidence_of_a_signed_with_key_of_b(client, ev1, ev2):
 
 def test_signature_over_other_names(client, ev1):
     token = client.challenge()
-    sig = asps_client.sign_transcript(
-        ev1.private_key, asps_client.transcript(token, ev1.cert_der, ["secret1"])
+    sig = asps_wire.sign_transcript(
+        ev1.private_key, asps_wire.transcript(token, ev1.cert_der, ["secret1"])
     )
     req = asps_pb2.SecretsRequest(evidence=ev1.cert_der, token=token, names=["master_key"], signature=sig)
     assert_refused(client.refused(req), grpc.StatusCode.UNAUTHENTICATED, "signature")
@@ -438,7 +439,7 @@ def test_rsa_evidence_key_refused_clearly(client, env, ev1):
 
 def test_legacy_service_when_not_enabled(client, ev1):
     stub = secretmanager_pb2_grpc.SecretMangerStub(client.channel)
-    ctx = asps_client.ratls.cert_to_pem(ev1.cert_der).decode()
+    ctx = asps_client.ratls_attest.cert_to_pem(ev1.cert_der).decode()
     with pytest.raises(grpc.RpcError) as e:
         stub.GetSecret(secretmanager_pb2.SecretRequest(key="master_key", ctx=ctx), timeout=10)
     assert_refused(
@@ -550,8 +551,8 @@ def test_fuzzed_requests_get_documented_statuses_only(
     elif token_kind == "mutated":
         token = mutate(token, positions, flips)
     if sign:
-        signature = asps_client.sign_transcript(
-            ev1.private_key, asps_client.transcript(token, evidence, names)
+        signature = asps_wire.sign_transcript(
+            ev1.private_key, asps_wire.transcript(token, evidence, names)
         )
     req = asps_pb2.SecretsRequest(evidence=evidence, token=token, names=names, signature=signature)
     try:
@@ -649,12 +650,13 @@ def test_legacy_round_trip_with_original_message_shapes(env, ev1, ev2, capsys, l
     channel = grpc.secure_channel(f"localhost:{handle.port}", grpc.ssl_channel_credentials(env.ca))
     try:
         stub = secretmanager_pb2_grpc.SecretMangerStub(channel)
-        ctx = asps_client.ratls.cert_to_pem(ev1.cert_der).decode()  # the original sends the PEM certificate
+        # the original sends the PEM certificate
+        ctx = asps_client.ratls_attest.cert_to_pem(ev1.cert_der).decode()
         reply = stub.GetSecret(secretmanager_pb2.SecretRequest(key="master_key", ctx=ctx), timeout=10)
         assert reply.value == VALUES["a1_master"]
         # an RSA certificate, like the original client's, works on the legacy service
         ev_rsa = env.evidence(ENCLAVE_2, key_type="rsa3072")
-        ctx_rsa = asps_client.ratls.cert_to_pem(ev_rsa.cert_der).decode()
+        ctx_rsa = asps_client.ratls_attest.cert_to_pem(ev_rsa.cert_der).decode()
         reply = stub.GetSecret(secretmanager_pb2.SecretRequest(key="app2_only", ctx=ctx_rsa), timeout=10)
         assert reply.value == VALUES["a2_only"]
         # the same refusals as the new service

@@ -15,9 +15,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from der_writer import length as der_length
 
+import attester
 import dcap
+import dcap_quote
 import sgxsim
+from dcap_collateral import Collateral
 
 PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
 DATE_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -73,18 +77,10 @@ def _ext_shape(ext_value: bytes) -> list[tuple[str, object]]:
         (oid_tag, oid), (val_tag, val) = _der_items(pair)
         assert oid_tag == 0x06
         if val_tag == 0x30:
-            shape.append((_oid_str(oid), _ext_shape(bytes([0x30]) + _len(val) + val)))
+            shape.append((_oid_str(oid), _ext_shape(bytes([0x30]) + der_length(len(val)) + val)))
         else:
             shape.append((_oid_str(oid), (val_tag, len(val) if val_tag == 0x04 else None)))
     return shape
-
-
-def _len(val: bytes) -> bytes:
-    n = len(val)
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
 
 
 def _sgx_ext(cert: x509.Certificate) -> bytes:
@@ -94,7 +90,7 @@ def _sgx_ext(cert: x509.Certificate) -> bytes:
 
 
 def _sample_leaf(samples_dir: Path, case: str) -> x509.Certificate:
-    quote = dcap.parse_quote((samples_dir / case / "quote.bin").read_bytes())
+    quote = dcap_quote.parse_quote((samples_dir / case / "quote.bin").read_bytes())
     return _pems(quote.signature.certification_data.data)[0]
 
 
@@ -131,7 +127,7 @@ def test_init_refreshes_collateral_that_expires_soon(tmp_path):
     (tmp_path / "collateral.json").write_text(stale.to_json())
     again = sgxsim.SimPlatform.init(tmp_path)
     assert again.root_ca_der == plat.root_ca_der
-    fresh = dcap.Collateral.from_json((tmp_path / "collateral.json").read_text())
+    fresh = Collateral.from_json((tmp_path / "collateral.json").read_text())
     assert fresh.tcb_info != stale.tcb_info
     next_update = json.loads(fresh.tcb_info)["nextUpdate"]
     assert sgxsim._iso_to_ts(next_update) > now + 29 * 86400
@@ -162,7 +158,7 @@ def test_make_quote_is_fast(sim_platform):
 
 
 def test_certificates_are_marked_and_shaped_like_intel(sim_platform, samples_dir):
-    real_chain = _pems(dcap.parse_quote((samples_dir / "intel-sgx-v3" / "quote.bin").read_bytes())
+    real_chain = _pems(dcap_quote.parse_quote((samples_dir / "intel-sgx-v3" / "quote.bin").read_bytes())
                        .signature.certification_data.data)
     ours = _pems(sim_platform.pck_chain_pem("UpToDate", "processor"))
     assert len(ours) == len(real_chain) == 3
@@ -304,9 +300,9 @@ def test_quote_structure(sim_platform, version):
     rd = bytes(range(64))
     raw = sim_platform.make_quote(rd, mr_enclave=b"\x11" * 32, mr_signer=b"\x22" * 32, isv_prod_id=7,
                                   isv_svn=3, tcb="SWHardeningNeeded", version=version)
-    q = dcap.parse_quote(raw)
+    q = dcap_quote.parse_quote(raw)
     assert q.to_bytes() == raw
-    assert q.header.version == version and q.header.qe_vendor_id == dcap.INTEL_QE_VENDOR_ID
+    assert q.header.version == version and q.header.qe_vendor_id == dcap_quote.INTEL_QE_VENDOR_ID
     assert q.report.report_data == rd and q.report.mr_enclave == b"\x11" * 32
     assert q.report.mr_signer == b"\x22" * 32 and (q.report.isv_prod_id, q.report.isv_svn) == (7, 3)
     assert not q.report.debug
@@ -328,10 +324,10 @@ def test_quote_structure(sim_platform, version):
 
 
 def test_debug_and_attributes(sim_platform):
-    q = dcap.parse_quote(sim_platform.make_quote(bytes(64), debug=True))
+    q = dcap_quote.parse_quote(sim_platform.make_quote(bytes(64), debug=True))
     assert q.report.debug and q.report.attributes[0] == sgxsim.DEFAULT_ATTRIBUTES[0] | 0x02
     custom = bytes.fromhex("0700000000000000e700000000000000")
-    q = dcap.parse_quote(sim_platform.make_quote(bytes(64), attributes=custom))
+    q = dcap_quote.parse_quote(sim_platform.make_quote(bytes(64), attributes=custom))
     assert q.report.attributes == custom and q.report.debug
 
 
@@ -347,10 +343,10 @@ def test_make_quote_refuses_bad_arguments(sim_platform):
 def test_sim_provider(sim_platform):
     prov = sgxsim.SimProvider(sim_platform.directory, mr_enclave=b"\x33" * 32, isv_svn=9, tcb="OutOfDate")
     assert prov.name == "sim"
-    q = dcap.parse_quote(prov.get_quote(b"\x44" * 64))
+    q = dcap_quote.parse_quote(prov.get_quote(b"\x44" * 64))
     assert q.report.mr_enclave == b"\x33" * 32 and q.report.isv_svn == 9
     assert q.report.report_data == b"\x44" * 64
-    with pytest.raises(dcap.ProviderError):
+    with pytest.raises(attester.ProviderError):
         prov.get_quote(b"short")
 
 
@@ -405,7 +401,7 @@ def test_sim_root_does_not_verify_intel_quote(sim_platform, samples_dir):
     _require_verify()
     case = samples_dir / "intel-sgx-v3"
     expected = json.loads((case / "expected.json").read_text())
-    coll = dcap.Collateral.from_json((case / "collateral.json").read_text())
+    coll = Collateral.from_json((case / "collateral.json").read_text())
     with pytest.raises(dcap.VerificationError):
         dcap.verify((case / "quote.bin").read_bytes(), coll, root_ca=sim_platform.root_ca_der,
                     now=expected["now"])
@@ -415,7 +411,7 @@ def test_reused_directory_quotes_still_verify(tmp_path):
     _require_verify()
     sgxsim.SimPlatform.init(tmp_path)
     plat = sgxsim.SimPlatform.init(tmp_path)  # second process in real life: keys from disk
-    coll = dcap.Collateral.from_json((tmp_path / "collateral.json").read_text())
+    coll = Collateral.from_json((tmp_path / "collateral.json").read_text())
     raw = plat.make_quote(bytes(64), tcb="ConfigurationNeeded")
     root = (tmp_path / "root_ca.pem").read_bytes()
     assert dcap.verify(raw, coll, root_ca=root).status == "ConfigurationNeeded"
