@@ -184,9 +184,9 @@ def _malformed(port: int, ca: bytes, stop_at: float, opts: dict[str, Any]) -> in
 def _refused(port: int, ca: bytes, stop_at: float, opts: dict[str, Any]) -> int:
     from cryptography.hazmat.primitives import serialization
 
-    import asps_client
     import asps_pb2
     import asps_pb2_grpc
+    import asps_wire
 
     cert_der, key_pem = opts["unknown"]
     key = serialization.load_pem_private_key(key_pem, None)
@@ -194,7 +194,7 @@ def _refused(port: int, ca: bytes, stop_at: float, opts: dict[str, Any]) -> int:
     def one(ch: Any, _k: int) -> None:
         stub = asps_pb2_grpc.SecretProvisionStub(ch)
         token = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=5).token
-        sig = asps_client.sign_transcript(key, asps_client.transcript(token, cert_der, ["k"]))
+        sig = asps_wire.sign_transcript(key, asps_wire.transcript(token, cert_der, ["k"]))
         req = asps_pb2.SecretsRequest(evidence=cert_der, token=token, names=["k"], signature=sig)
         stub.GetSecrets(req, timeout=5)
 
@@ -211,6 +211,7 @@ def legitimate(port: int, ca: bytes, evidence: list[Any], seconds: float) -> tup
     import asps_client
     import asps_pb2
     import asps_pb2_grpc
+    import asps_wire
 
     lat: list[float] = []
     fails = [0]
@@ -224,8 +225,8 @@ def legitimate(port: int, ca: bytes, evidence: list[Any], seconds: float) -> tup
                 t = time.monotonic()
                 try:
                     token = stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=DEADLINE).token
-                    sig = asps_client.sign_transcript(
-                        ev.private_key, asps_client.transcript(token, ev.cert_der, ["k"])
+                    sig = asps_wire.sign_transcript(
+                        ev.private_key, asps_wire.transcript(token, ev.cert_der, ["k"])
                     )
                     req = asps_pb2.SecretsRequest(
                         evidence=ev.cert_der, token=token, names=["k"], signature=sig

@@ -30,6 +30,7 @@ from asps_testkit import (  # noqa: F401  (fixtures: env, ev1, logs)
 import asps_client
 import asps_pb2
 import asps_server
+import asps_wire
 
 pytestmark = pytest.mark.usefixtures("logs")
 
@@ -76,7 +77,7 @@ def strict(env):
 def attest(client: Client, ev, deadline: float = 2.0) -> str:
     """Challenge and secrets, each under `deadline`: DEADLINE_EXCEEDED if the server stalls."""
     token = client.stub.GetChallenge(asps_pb2.ChallengeRequest(), timeout=deadline).token
-    sig = asps_client.sign_transcript(ev.private_key, asps_client.transcript(token, ev.cert_der, ["k"]))
+    sig = asps_wire.sign_transcript(ev.private_key, asps_wire.transcript(token, ev.cert_der, ["k"]))
     req = asps_pb2.SecretsRequest(evidence=ev.cert_der, token=token, names=["k"], signature=sig)
     reply = client.stub.GetSecrets(req, timeout=deadline)
     assert asps_client.open_bundle(ev.private_key, reply.sealed, token) == {"k": b"v1"}
@@ -268,8 +269,8 @@ def test_refused_requests_leave_the_outstanding_tokens_alone(patient, env, ev1):
 
     def refused(_i: int) -> grpc.StatusCode:
         token = client.challenge()
-        sig = asps_client.sign_transcript(
-            unknown.private_key, asps_client.transcript(token, unknown.cert_der, ["k"])
+        sig = asps_wire.sign_transcript(
+            unknown.private_key, asps_wire.transcript(token, unknown.cert_der, ["k"])
         )
         req = asps_pb2.SecretsRequest(evidence=unknown.cert_der, token=token, names=["k"], signature=sig)
         with pytest.raises(grpc.RpcError) as e:
