@@ -560,11 +560,15 @@ class VaultAgent:
             return self._login_locked(deadline)
         try:
             reply, node = self._send("POST", "auth/token/renew-self", deadline, body={}, token=self._token)
-        except KmsUnavailable as exc:
-            if time.monotonic() < lease.expires_at:
-                log.warning("kms: token renewal failed (%s); the current token is still valid", exc)
-                return self._token
-            raise
+        except KmsError as exc:  # OpenBao answers 500 "past the max TTL, cannot renew", for one
+            log.warning("kms: renewing the %s token failed (%s); logging in again", self._auth.method, exc)
+            try:
+                return self._login_locked(deadline)
+            except KmsUnavailable:
+                if time.monotonic() < lease.expires_at:
+                    log.warning("kms: login failed too; the current token is still valid, kept for now")
+                    return self._token
+                raise
         body = self._json(reply, "auth/token/renew-self")
         if not 200 <= reply.status_code < 300:
             log.warning(
@@ -575,7 +579,7 @@ class VaultAgent:
             )
             return self._login_locked(deadline)
         _, ttl, renewable = self._auth_block(body, node, "auth/token/renew-self")
-        if ttl < lease.ttl / 2 or not renewable:
+        if ttl <= lease.ttl / 2 or not renewable:
             # Capped by the token's max TTL: renewing again would only buy less and less time.
             log.info("kms: %s token is near its max TTL (%gs left); logging in again", self._auth.method, ttl)
             return self._login_locked(deadline)
