@@ -38,7 +38,8 @@
 # need them for the policy file; with --auth approle the credential file names are printed as
 # APPN_ROLE_ID_FILE=... and APPN_SECRET_ID_FILE=... (the secret_id itself never is). --policy FILE
 # writes them into the app_list entries with id 1 and 2 ("app_token", or an "auth" object naming the
-# files), and sets "addr" to $VAULT_ADDR, atomically, the file left mode 0600. Secret values, the
+# files), and sets "addr" to $VAULT_ADDR (unless "addr" already lists it, e.g. with the other nodes
+# of an HA cluster), atomically, the file left mode 0600. Secret values, the
 # root token and the unseal key are never printed. Secrets are generated in a private temporary directory and passed to the CLI as files
 # (never on a command line, which other users can read in ps), then deleted.
 set -euo pipefail
@@ -143,7 +144,7 @@ PY
 }
 
 # policy_tool check|fill FILE APP...: check that FILE has an app_list entry per app (before anything
-# is created), or fill in "addr" from $VAULT_ADDR and each app's credentials - app_token from
+# is created), or fill in "addr" from $VAULT_ADDR (kept when it already lists it) and each app's credentials - app_token from
 # $ASPS_APP<id>_TOKEN, or (with $ASPS_AUTH=approle) an "auth" object naming the files in
 # $ASPS_APP<id>_ROLE_ID_FILE / _SECRET_ID_FILE - atomically, leaving mode 0600.
 policy_tool() {
@@ -171,7 +172,12 @@ def near(name):
 
 approle = os.environ.get("ASPS_AUTH") == "approle"
 if mode_arg == "fill":
-    doc["addr"] = os.environ["VAULT_ADDR"]
+    # The address this script talked to, unless the policy already lists it (an HA cluster's nodes).
+    vault_addr = os.environ["VAULT_ADDR"].strip().rstrip("/")
+    listed = doc.get("addr")
+    listed = listed.split(",") if isinstance(listed, str) else listed if isinstance(listed, list) else []
+    if vault_addr not in [str(a).strip().rstrip("/") for a in listed]:
+        doc["addr"] = vault_addr
     if approle:
         doc["auth_method"] = "approle"
     elif doc.get("auth_method") not in (None, "token"):

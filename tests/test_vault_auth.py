@@ -340,3 +340,27 @@ def test_policy_auth_schema_refusals(tmp_path: Path) -> None:
     del missing["app_list"][0]["auth"]
     missing["auth_method"] = "approle"
     assert "app 7: field 'auth' is missing" in refused(missing)
+
+
+def test_concurrent_reads_share_one_login_across_renewals(bao: OpenBao, tmp_path: Path) -> None:
+    import concurrent.futures
+
+    auth = approle(bao, "2", tmp_path, ttl="2s", max_ttl="4s")
+    agent = kms.VaultAgent(bao.addr, auth=login_of(auth))
+    end = time.monotonic() + 6
+
+    def reader() -> int:
+        reads = 0
+        while time.monotonic() < end:
+            assert agent.get("occlum/2/image_key") == VALUES["2"]["image_key"].encode()
+            reads += 1
+            time.sleep(0.05)
+        return reads
+
+    with captured_logs() as logs, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(lambda _: reader(), range(4)))
+    assert all(counts), counts
+    logins = sum("approle login to" in line for line in logs.lines)
+    # one login per max TTL (4 s) plus renewals, not one per thread or per read
+    assert 1 <= logins <= 6 < sum(counts), "\n".join(logs.lines[-20:])
+    assert_no_secret_in(logs.lines, auth["_values"].split())

@@ -257,6 +257,12 @@ def test_policy_fills_addr_too(openbao_kv2: OpenBao, tmp_path: Path) -> None:
     after = json.loads(policy.read_text())
     assert after["addr"] == openbao_kv2.addr
     assert [a["app_token"] for a in after["app_list"]] == list(printed_tokens(result.stdout).values())
+    # an HA cluster's node list that includes $VAULT_ADDR is kept as it is
+    nodes = f"http://127.0.0.1:1,{openbao_kv2.addr},http://127.0.0.1:2"
+    policy_template(policy, nodes)
+    result = run_script(openbao_kv2, tmp_path, "--policy", str(policy), token=openbao_kv2.root_token)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(policy.read_text())["addr"] == nodes
 
 
 def test_auth_approle_end_to_end(openbao_kv2: OpenBao, tmp_path: Path) -> None:
