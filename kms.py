@@ -11,7 +11,8 @@ Errors say what kind of failure happened so the server can map them to a gRPC st
 - ``KmsDenied`` - the KMS answered and refused: the token is invalid/expired/revoked
   (``token_invalid`` is True) or valid but its policies don't allow this path.
 - ``KmsNotFound`` - no secret at that path, or the secret has no such field.
-- ``KmsConfigError`` - the agent or a reference is malformed (load-time mistakes).
+- ``KmsConfigError`` - the agent or a reference is malformed, or a login's credential files cannot
+  be read: the server's configuration is wrong (FAILED_PRECONDITION, not retryable).
 - ``KmsError`` - anything else (unexpected answers).
 
 No exception message or log line carries a secret value or a token: messages name the KMS address,
@@ -21,6 +22,11 @@ Vault/OpenBao HA: ``addr`` may list several nodes of one cluster (a list, or one
 string); ``VaultAgent`` keeps using the node that last answered, moves on to the next one when a node
 cannot answer (down, hung, sealed, 5xx, a standby that redirects), and never sends a request Vault
 refused (403/400/404) again, to any node. One ``get`` is bounded by the agent's ``deadline``.
+
+Vault credentials: a static token (the original's ``app_token``), or a login (``AppRoleLogin``:
+role_id and secret_id files; ``CertLogin``: a TLS client certificate). With a login the agent logs
+in at its first request, renews the token past half its TTL, logs in again when renewal is
+impossible (max TTL, refused) and once more when a read is refused because the token died.
 
 References are ``"mount/path/to/secret#field"``; the field defaults to ``key`` because the original
 cczoo write_secrets.sh stored every secret as ``key=<value>``. For KV v2 the reference is the
@@ -1026,8 +1032,8 @@ def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
     """Build an agent from policy-file settings.
 
     - ``"vault"`` / ``"openbao"``: ``addr`` (one URL, or several nodes as a list or a comma-separated
-      string), ``token`` (or ``app_token``), optional ``ca_file``, ``timeout``, ``connect_timeout``,
-      ``retries``, ``backoff``, ``deadline``, ``kv_version``, ``session``.
+      string), ``token`` (or ``app_token``) or ``auth`` (a ``VaultLogin``), optional ``ca_file``,
+      ``timeout``, ``connect_timeout``, ``retries``, ``backoff``, ``deadline``, ``kv_version``, ``session``.
     - ``"json"``: ``file`` (path of a JSON secrets file) or ``values`` (a mapping).
     - ``"none"``: ``values`` - the original's policy_no_kms.json with values inline.
     Unknown options are refused so that a typo is not silently ignored.
@@ -1046,11 +1052,12 @@ def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
             "deadline",
             "kv_version",
             "session",
+            "auth",
         }
         _refuse_unknown(kind, cfg, allowed)
         token = cfg.get("token", cfg.get("app_token"))
-        if "addr" not in cfg or token is None:
-            raise KmsConfigError(f"kms {kind!r} needs 'addr' and a token")
+        if "addr" not in cfg or (token is None and cfg.get("auth") is None):
+            raise KmsConfigError(f"kms {kind!r} needs 'addr' and a token or a login (auth)")
         options = {k: v for k, v in cfg.items() if k not in ("addr", "token", "app_token")}
         return VaultAgent(cfg["addr"], token, **options)
     if kind in ("json", "none"):

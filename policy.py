@@ -10,6 +10,12 @@ isv_prod_id, min_isv_svn, allow_debug, allowed_tcb_statuses, refused/accepted ad
      "app_list": [{"id": 1, "mr_enclave": "<64 hex>", "app_token": "<vault token>",
                    "secrets": {"master_key": "occlum/1/image_key"}}]}
 
+Instead of `app_token` a Vault app may log in with `"auth": {"method": "approle", "role_id_file",
+"secret_id_file"}` or `{"method": "cert", "cert_file", "key_file", "name"}` (files relative to the
+policy; credentials are never inline). Vault references are parsed here exactly as kms.parse_ref
+parses them, and the example's placeholder tokens are refused, so the server never starts with a
+policy its first request would fail on.
+
 `"kms": "none"` (alias `"json"`) carries the secret values inline, or, with a top-level
 `"secrets_file"`, names keys of that JSON file. Keys named `"_comment"` are allowed anywhere.
 """
