@@ -105,6 +105,7 @@ class Kind(enum.Enum):
     TOO_LARGE = "too_large"  # the reply would exceed its bound
     DISABLED = "disabled"  # legacy protocol not enabled
     CANNOT_CARRY = "cannot_carry"  # the legacy protocol cannot carry this (binary) secret
+    CONFIG = "config"  # the server's own configuration is wrong (policy, KMS login files): not retryable
 
 
 STATUS_OF: dict[Kind, grpc.StatusCode] = {
@@ -116,6 +117,7 @@ STATUS_OF: dict[Kind, grpc.StatusCode] = {
     Kind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Kind.DISABLED: grpc.StatusCode.UNIMPLEMENTED,
     Kind.CANNOT_CARRY: grpc.StatusCode.FAILED_PRECONDITION,
+    Kind.CONFIG: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -185,6 +187,14 @@ def classify(exc: BaseException, step: str) -> Refusal:
         return Refusal(Kind.DENIED, step, "the KMS refused this app's credentials", str(exc))
     if isinstance(exc, kms.KmsNotFound):
         return Refusal(Kind.NOT_GRANTED, step, "a granted secret is missing from the KMS", str(exc))
+    if isinstance(exc, kms.KmsConfigError):
+        return Refusal(
+            Kind.CONFIG,
+            step,
+            "the server's KMS configuration for this app is wrong (policy or credential files); "
+            "retrying will not help until the operator fixes it",
+            str(exc),
+        )
     if isinstance(exc, kms.KmsError):
         return Refusal(Kind.UNAVAILABLE, step, "the KMS failed; retry later", str(exc))
     if _caused_by(exc, dcap.CollateralUnavailable):
@@ -2108,6 +2118,7 @@ examples:
       --pccs https://pccs.example:8081
   asps_server.py ... --collateral sim/collateral.json --root-ca sim/root_ca.pem   (demo platform)
   asps_server.py gen-certs DIR [HOST...]    demo CA + server certificate for HOSTs (default localhost)
+  asps_server.py check-policy FILE [--online]   check a policy without starting a server (see --help)
 """
 
 
@@ -2372,6 +2383,10 @@ def gen_certs_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check-policy"]:
+        import policy_check  # only this subcommand needs it
+
+        return policy_check.main(argv[1:])
     if argv[:1] == ["gen-certs"]:
         return gen_certs_main(argv[1:])
     parser = build_parser()

@@ -11,7 +11,8 @@ Errors say what kind of failure happened so the server can map them to a gRPC st
 - ``KmsDenied`` - the KMS answered and refused: the token is invalid/expired/revoked
   (``token_invalid`` is True) or valid but its policies don't allow this path.
 - ``KmsNotFound`` - no secret at that path, or the secret has no such field.
-- ``KmsConfigError`` - the agent or a reference is malformed (load-time mistakes).
+- ``KmsConfigError`` - the agent or a reference is malformed, or a login's credential files cannot
+  be read: the server's configuration is wrong (FAILED_PRECONDITION, not retryable).
 - ``KmsError`` - anything else (unexpected answers).
 
 No exception message or log line carries a secret value or a token: messages name the KMS address,
@@ -21,6 +22,11 @@ Vault/OpenBao HA: ``addr`` may list several nodes of one cluster (a list, or one
 string); ``VaultAgent`` keeps using the node that last answered, moves on to the next one when a node
 cannot answer (down, hung, sealed, 5xx, a standby that redirects), and never sends a request Vault
 refused (403/400/404) again, to any node. One ``get`` is bounded by the agent's ``deadline``.
+
+Vault credentials: a static token (the original's ``app_token``), or a login (``AppRoleLogin``:
+role_id and secret_id files; ``CertLogin``: a TLS client certificate). With a login the agent logs
+in at its first request, renews the token past half its TTL, logs in again when renewal is
+impossible (max TTL, refused) and once more when a read is refused because the token died.
 
 References are ``"mount/path/to/secret#field"``; the field defaults to ``key`` because the original
 cczoo write_secrets.sh stored every secret as ``key=<value>``. For KV v2 the reference is the
@@ -37,7 +43,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -96,18 +102,30 @@ def parse_ref(ref: str, *, default_field: str = DEFAULT_FIELD) -> SecretRef:
     """Split ``"a/b/c#field"``; refuse empty, ``.``/``..`` or empty segments (no path games)."""
     if not isinstance(ref, str) or not ref.strip():
         raise KmsConfigError("empty secret reference")
+    problem = ref_problem(ref)
+    if problem:
+        raise KmsConfigError(f"secret reference {ref!r}: {problem}")
+    path, _, field = ref.partition("#")
+    return SecretRef(path.strip("/"), field or default_field)
+
+
+def ref_problem(ref: str) -> str | None:
+    """Why ``parse_ref`` refuses ``ref``, in words that do not repeat it (a policy check may be
+    looking at a secret value pasted where a reference belongs); None when it is accepted."""
+    if not isinstance(ref, str) or not ref.strip():
+        return "empty secret reference"
     path, sep, field = ref.partition("#")
     if sep and not field:
-        raise KmsConfigError(f"secret reference {ref!r}: empty field after '#'")
+        return "empty field after '#'"
     if "#" in field:
-        raise KmsConfigError(f"secret reference {ref!r}: more than one '#'")
+        return "more than one '#'"
     path = path.strip("/")
     segments = path.split("/")
     if not path or any(s in ("", ".", "..") for s in segments):
-        raise KmsConfigError(f"secret reference {ref!r}: empty, '.' or '..' path segment")
+        return "empty, '.' or '..' path segment (e.g. '//' or '/../')"
     if any(c.isspace() or c in "?%\\" for c in path) or not path.isprintable():
-        raise KmsConfigError(f"secret reference {ref!r}: whitespace or one of ?%\\ in the path")
-    return SecretRef(path, field or default_field)
+        return "whitespace, a control character or one of ?%\\ (query, escape) in the path"
+    return None
 
 
 def _to_bytes(value: Any, where: str, error: type[KmsError] = KmsError) -> bytes:
@@ -149,6 +167,117 @@ class _Failure:
     redirect: str | None = None  # the listed node a standby pointed at, if any
 
 
+# --------------------------------------------------------------------------------------- Vault login
+# A static token is the original's way; a deployment renews nothing and re-issues tokens by hand. A
+# login method lets the agent get its own short-lived tokens: AppRole (role_id + secret_id, read from
+# files at each login so they can be rotated without a restart) or a TLS client certificate.
+
+
+@dataclass(frozen=True)
+class LoginRequest:
+    """One login call: the API path, its JSON body and an optional TLS client (cert, key) pair."""
+
+    path: str
+    body: Mapping[str, Any] = field(repr=False)  # holds the secret_id: never printed
+    cert: tuple[str, str] | None = None
+
+
+@runtime_checkable
+class VaultLogin(Protocol):
+    """How a ``VaultAgent`` obtains a token when it has none, or its token cannot be renewed."""
+
+    method: str
+
+    def validate(self, agent: VaultAgent) -> None:
+        """Refuse (KmsConfigError) a configuration that can never log in, e.g. cert auth over http."""
+        ...
+
+    def login_request(self) -> LoginRequest:
+        """The login call; reads credential files now (KmsConfigError when they cannot be read)."""
+        ...
+
+
+def _mount_name(mount: str, method: str) -> str:
+    if not isinstance(mount, str) or ref_problem(mount + "/x") or "#" in mount:
+        raise KmsConfigError(f"{method} auth mount must be a plain path such as {method!r}")
+    return mount.strip("/")
+
+
+def read_credential_file(path: str | Path, what: str) -> str:
+    """The one-line content of a credential file (role_id, secret_id); never quoted in errors."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise KmsConfigError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise KmsConfigError(f"the {what} file {path} is not ASCII text") from None
+    if not text:
+        raise KmsConfigError(f"the {what} file {path} is empty")
+    if not text.isprintable() or any(c.isspace() for c in text):
+        raise KmsConfigError(f"the {what} file {path} holds more than one word or control characters")
+    return text
+
+
+@dataclass(frozen=True)
+class AppRoleLogin:
+    """AppRole: ``role_id`` and ``secret_id`` read from files (never inline in a policy)."""
+
+    role_id_file: str
+    secret_id_file: str
+    mount: str = "approle"
+    method: str = field(default="approle", init=False)
+
+    def validate(self, agent: VaultAgent) -> None:
+        _mount_name(self.mount, self.method)
+
+    def login_request(self) -> LoginRequest:
+        body = {
+            "role_id": read_credential_file(self.role_id_file, "AppRole role_id"),
+            "secret_id": read_credential_file(self.secret_id_file, "AppRole secret_id"),
+        }
+        return LoginRequest(f"auth/{_mount_name(self.mount, self.method)}/login", body)
+
+
+@dataclass(frozen=True)
+class CertLogin:
+    """TLS certificate auth: the client certificate and key files; ``name`` picks one cert role."""
+
+    cert_file: str
+    key_file: str
+    name: str | None = None
+    mount: str = "cert"
+    method: str = field(default="cert", init=False)
+
+    def validate(self, agent: VaultAgent) -> None:
+        _mount_name(self.mount, self.method)
+        if not all(a.startswith("https://") for a in agent.addrs):
+            raise KmsConfigError("cert auth needs https:// Vault addresses (the certificate is sent in TLS)")
+
+    def login_request(self) -> LoginRequest:
+        for path, what in ((self.cert_file, "client certificate"), (self.key_file, "client key")):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise KmsConfigError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+        body = {"name": self.name} if self.name else {}
+        return LoginRequest(
+            f"auth/{_mount_name(self.mount, self.method)}/login", body, (self.cert_file, self.key_file)
+        )
+
+
+@dataclass
+class _Lease:
+    """When the logged-in token should be renewed and when it dies (monotonic seconds)."""
+
+    renew_at: float = 0.0
+    expires_at: float = 0.0
+    ttl: float = 0.0  # as granted at login (0: no expiry)
+    renewable: bool = False
+
+
 class VaultAgent:
     """Reads secrets from a Vault or OpenBao KV engine (v1 or v2) with one token, from one node or
     from any node of an HA cluster.
@@ -183,8 +312,9 @@ class VaultAgent:
     def __init__(
         self,
         addr: str | Sequence[str],
-        token: str,
+        token: str | None = None,
         *,
+        auth: VaultLogin | None = None,
         ca_file: str | None = None,
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
@@ -196,7 +326,14 @@ class VaultAgent:
     ) -> None:
         self.addrs = self._check_addrs(addr)
         self.addr = ",".join(self.addrs)  # the configured form; one URL for one node
-        self._token = self._check_token(token)
+        if (token is None) == (auth is None):
+            raise KmsConfigError("Vault agent needs either a token or a login method (auth), not both")
+        self._auth = auth
+        self._token: str | None = self._check_token(token) if token is not None else None
+        self._auth_lock = threading.Lock()
+        self._lease = _Lease()  # when the logged-in token is due for renewal / expires (auth only)
+        if auth is not None:
+            auth.validate(self)
         if ca_file is not None and not Path(ca_file).is_file():
             raise KmsConfigError(f"Vault CA file {ca_file!r} not found")
         if ca_file is not None and not any(a.startswith("https://") for a in self.addrs):
@@ -225,7 +362,13 @@ class VaultAgent:
         self._current = self.addrs[0]  # sticky: the node that gave the last verdict
 
     def __repr__(self) -> str:  # never the token
-        return f"VaultAgent(addr={self.addr!r})"
+        method = self._auth.method if self._auth is not None else "token"
+        return f"VaultAgent(addr={self.addr!r}, auth={method!r})"
+
+    @property
+    def auth_method(self) -> str:
+        """'token' (a static token from the policy) or the login method ('approle', 'cert')."""
+        return self._auth.method if self._auth is not None else "token"
 
     @property
     def current_addr(self) -> str:
@@ -299,15 +442,47 @@ class VaultAgent:
 
     # -- public ----------------------------------------------------------------------------------------
     def get(self, path: str) -> bytes:
-        """The value of field ``path#field`` (default ``key``) as bytes, within ``deadline`` seconds."""
+        """The value of field ``path#field`` (default ``key``) as bytes, within ``deadline`` seconds.
+
+        With a login method (AppRole, cert) the token is renewed past half its TTL, replaced by a
+        fresh login when renewal is impossible, and a read refused because the token died (revoked,
+        expired early) is retried once after a fresh login."""
         ref = parse_ref(path)
         deadline = time.monotonic() + self.deadline
-        mount = self._mount_for(ref.path, deadline)
+        token = self.token_for_request(deadline)
+        try:
+            return self._read(ref, deadline, token)
+        except KmsDenied as exc:
+            if self._auth is None or not exc.token_invalid:
+                raise
+            log.warning(
+                "kms: %s refused the %s token as invalid, expired or revoked; logging in again",
+                self.addr,
+                self._auth.method,
+            )
+            token = self._relogin(deadline, stale=token)
+            return self._read(ref, deadline, token)
+
+    def api_path(self, path: str) -> str:
+        """The HTTP API path of a reference (``data/`` inserted for KV v2), e.g. for capability checks."""
+        ref = parse_ref(path)
+        deadline = time.monotonic() + self.deadline
+        return self._api_path(ref, deadline, self.token_for_request(deadline))
+
+    def _api_path(self, ref: SecretRef, deadline: float, token: str) -> str:
+        mount = self._mount_for(ref.path, deadline, token)
+        rel = ref.path[len(mount.path) :]
+        if not rel:
+            raise KmsConfigError(f"secret reference {ref.path!r} names the mount itself, not a secret in it")
+        return f"{mount.path}data/{rel}" if mount.kv_version == 2 else ref.path
+
+    def _read(self, ref: SecretRef, deadline: float, token: str) -> bytes:
+        mount = self._mount_for(ref.path, deadline, token)
         rel = ref.path[len(mount.path) :]
         if not rel:
             raise KmsConfigError(f"secret reference {ref.path!r} names the mount itself, not a secret in it")
         api_path = f"{mount.path}data/{rel}" if mount.kv_version == 2 else ref.path
-        reply, node = self._send("GET", api_path, deadline)
+        reply, node = self._send("GET", api_path, deadline, token=token)
         body = self._json(reply, ref.path)
         if reply.status_code == 404:
             hint = (
@@ -316,7 +491,7 @@ class VaultAgent:
                 else ""
             )
             raise KmsNotFound(f"no secret at {ref.path} on {node}{hint}")
-        self._raise_for_status(reply, body, ref.path, node, deadline)
+        self._raise_for_status(reply, body, ref.path, node, deadline, token)
         data = body.get("data")
         if mount.kv_version == 2:
             data = data.get("data") if isinstance(data, dict) else None
@@ -331,22 +506,168 @@ class VaultAgent:
 
     def check_token(self) -> None:
         """Raise ``KmsDenied(token_invalid=True)`` unless the token is alive (lookup-self); for probes."""
-        self._lookup_self(time.monotonic() + self.deadline)
+        deadline = time.monotonic() + self.deadline
+        self._lookup_self(deadline, self.token_for_request(deadline))
 
-    def _lookup_self(self, deadline: float) -> None:
-        reply, node = self._send("GET", "auth/token/lookup-self", deadline)
+    # -- login, renewal -------------------------------------------------------------------------------
+    def token_for_request(self, deadline: float) -> str:
+        """The token to use now: the static one, or the logged-in one (logging in or renewing first
+        when it is missing, past half its TTL or about to expire)."""
+        if self._auth is None:
+            assert self._token is not None
+            return self._token
+        with self._auth_lock:
+            now = time.monotonic()
+            lease = self._lease
+            if self._token is None or (lease.ttl and now >= lease.expires_at - 0.2 * lease.ttl):
+                return self._login_locked(deadline)
+            if lease.ttl and now >= lease.renew_at:
+                return self._renew_locked(deadline)
+            return self._token
+
+    def _relogin(self, deadline: float, *, stale: str) -> str:
+        """A fresh login after ``stale`` was refused, unless another thread already replaced it."""
+        with self._auth_lock:
+            if self._token is not None and self._token != stale:
+                return self._token
+            return self._login_locked(deadline)
+
+    def _login_locked(self, deadline: float) -> str:
+        assert self._auth is not None
+        request = self._auth.login_request()
+        method = self._auth.method
+        reply, node = self._send(
+            "POST", request.path, deadline, body=request.body, cert=request.cert, anonymous=True
+        )
+        body = self._json(reply, request.path)
+        status = reply.status_code
+        if status in (400, 401, 403):
+            detail = "; ".join(self._errors(body)) or f"HTTP {status}"
+            raise KmsDenied(
+                f"{node} refused the {method} login at {request.path}: {detail}", token_invalid=True
+            )
+        if not 200 <= status < 300:
+            raise KmsError(f"{node} answered HTTP {status} to the {method} login at {request.path}")
+        token, ttl, renewable = self._auth_block(body, node, request.path)
+        self._token = token
+        self._set_lease(ttl, renewable)
+        log.info(
+            "kms: %s login to %s: token TTL %ss, %s",
+            method,
+            node,
+            f"{ttl:g}" if ttl else "unlimited",
+            "renewable" if renewable else "not renewable",
+        )
+        return token
+
+    def _renew_locked(self, deadline: float) -> str:
+        """Renew the current token; a fresh login when it cannot be renewed (any more)."""
+        assert self._auth is not None and self._token is not None
+        lease = self._lease
+        if not lease.renewable:
+            return self._login_locked(deadline)
+        try:
+            reply, node = self._send("POST", "auth/token/renew-self", deadline, body={}, token=self._token)
+        except KmsError as exc:  # OpenBao answers 500 "past the max TTL, cannot renew", for one
+            log.warning("kms: renewing the %s token failed (%s); logging in again", self._auth.method, exc)
+            try:
+                return self._login_locked(deadline)
+            except KmsUnavailable:
+                if time.monotonic() < lease.expires_at:
+                    log.warning("kms: login failed too; the current token is still valid, kept for now")
+                    return self._token
+                raise
+        body = self._json(reply, "auth/token/renew-self")
+        if not 200 <= reply.status_code < 300:
+            log.warning(
+                "kms: %s refused renewing the %s token (HTTP %d); logging in again",
+                node,
+                self._auth.method,
+                reply.status_code,
+            )
+            return self._login_locked(deadline)
+        _, ttl, renewable = self._auth_block(body, node, "auth/token/renew-self")
+        if ttl <= lease.ttl / 2 or not renewable:
+            # Capped by the token's max TTL: renewing again would only buy less and less time.
+            log.info("kms: %s token is near its max TTL (%gs left); logging in again", self._auth.method, ttl)
+            return self._login_locked(deadline)
+        self._set_lease(ttl, renewable, keep_ttl=True)
+        log.debug("kms: renewed the %s token on %s: TTL %gs", self._auth.method, node, ttl)
+        return self._token
+
+    def _set_lease(self, ttl: float, renewable: bool, *, keep_ttl: bool = False) -> None:
+        now = time.monotonic()
+        granted = self._lease.ttl if keep_ttl else ttl
+        self._lease = _Lease(renew_at=now + ttl / 2, expires_at=now + ttl, ttl=granted, renewable=renewable)
+
+    def _auth_block(self, body: Mapping[str, Any], node: str, path: str) -> tuple[str, float, bool]:
+        auth = body.get("auth")
+        token = auth.get("client_token") if isinstance(auth, dict) else None
+        ttl = auth.get("lease_duration") if isinstance(auth, dict) else None
+        if (
+            not isinstance(token, str)
+            or not token
+            or isinstance(ttl, bool)
+            or not isinstance(ttl, int | float)
+        ):
+            raise KmsError(f"unexpected answer from {node} to {path}: no auth block with a token and TTL")
+        try:
+            token = self._check_token(token)
+        except KmsConfigError:
+            raise KmsError(f"unexpected answer from {node} to {path}: malformed token") from None
+        return token, float(max(ttl, 0)), bool(auth.get("renewable"))
+
+    # -- introspection (check-policy) -----------------------------------------------------------------
+    def token_info(self) -> dict[str, Any]:
+        """lookup-self of the token in use (logging in first if needed): ttl, renewable, policies..."""
+        deadline = time.monotonic() + self.deadline
+        return self._lookup_self(deadline, self.token_for_request(deadline))
+
+    def capabilities(self, api_paths: Sequence[str]) -> dict[str, list[str]]:
+        """What the token in use may do on each API path (``sys/capabilities-self``)."""
+        deadline = time.monotonic() + self.deadline
+        token = self.token_for_request(deadline)
+        reply, node = self._send(
+            "POST", "sys/capabilities-self", deadline, body={"paths": list(api_paths)}, token=token
+        )
+        body = self._json(reply, "sys/capabilities-self")
+        self._raise_for_status(reply, body, "sys/capabilities-self", node, deadline, token)
+        data = body.get("data") if isinstance(body.get("data"), dict) else body
+        result: dict[str, list[str]] = {}
+        for path in api_paths:
+            caps = data.get(path)
+            if caps is None and len(api_paths) == 1:
+                caps = data.get("capabilities")
+            result[path] = [str(c) for c in caps] if isinstance(caps, list) else []
+        return result
+
+    def revoke_self(self) -> None:
+        """Revoke a logged-in token (a check's login should not leave tokens behind); no-op for static."""
+        if self._auth is None:
+            return
+        with self._auth_lock:
+            token, self._token = self._token, None
+            self._lease = _Lease()
+        if token is not None:
+            deadline = time.monotonic() + self.deadline
+            self._send("POST", "auth/token/revoke-self", deadline, body={}, token=token)
+
+    def _lookup_self(self, deadline: float, token: str | None = None) -> dict[str, Any]:
+        reply, node = self._send("GET", "auth/token/lookup-self", deadline, token=token)
         body = self._json(reply, "auth/token/lookup-self")
         if reply.status_code == 403:
             raise KmsDenied(f"{node} rejected the token: invalid, expired or revoked", token_invalid=True)
-        self._raise_for_status(reply, body, "auth/token/lookup-self", node, deadline)
+        self._raise_for_status(reply, body, "auth/token/lookup-self", node, deadline, token)
+        data = body.get("data")
+        return data if isinstance(data, dict) else {}
 
     # -- mounts ----------------------------------------------------------------------------------------
-    def _mount_for(self, path: str, deadline: float) -> _Mount:
+    def _mount_for(self, path: str, deadline: float, token: str | None = None) -> _Mount:
         with self._lock:
             for prefix, mount in self._mounts.items():
                 if f"{path}/".startswith(prefix):
                     return mount
-        reply, node = self._send("GET", f"sys/internal/ui/mounts/{path}", deadline)
+        reply, node = self._send("GET", f"sys/internal/ui/mounts/{path}", deadline, token=token)
         body = self._json(reply, path)
         if reply.status_code == 404:
             # Very old servers lack this endpoint; a configured version lets us read anyway.
@@ -358,8 +679,8 @@ class VaultAgent:
             return _Mount(path.split("/", 1)[0] + "/", self.kv_version)
         if reply.status_code == 403 and "preflight" in " ".join(self._errors(body)):
             # OpenBao/Vault say this both for a mount that does not exist and for one the token may not use.
-            self._raise_denied(path, node, deadline, mount_check=True)
-        self._raise_for_status(reply, body, path, node, deadline)
+            self._raise_denied(path, node, deadline, token, mount_check=True)
+        self._raise_for_status(reply, body, path, node, deadline, token)
         data = body.get("data") or {}
         mount_path = data.get("path")
         if not isinstance(mount_path, str) or not f"{path}/".startswith(mount_path) or not mount_path:
@@ -379,8 +700,21 @@ class VaultAgent:
         return mount
 
     # -- HTTP ------------------------------------------------------------------------------------------
-    def _send(self, method: str, api_path: str, deadline: float) -> tuple[requests.Response, str]:
+    def _send(
+        self,
+        method: str,
+        api_path: str,
+        deadline: float,
+        *,
+        token: str | None = None,
+        body: Mapping[str, Any] | None = None,
+        cert: tuple[str, str] | None = None,
+        anonymous: bool = False,
+    ) -> tuple[requests.Response, str]:
         """Send one request until a node gives a verdict; return it with that node. The only network call.
+
+        ``token``: the token to send (default: the agent's current one); ``anonymous`` sends none (a
+        login); ``body`` is sent as JSON; ``cert`` is a TLS client (cert, key) pair (cert login).
 
         Order: the sticky node, then the others as listed; a redirect to a listed node is tried next.
         A node that failed retryably is asked again in the next round, after the backoff pause.
@@ -406,7 +740,16 @@ class VaultAgent:
                 if remaining <= 0:
                     raise self._unavailable(failures, attempts, deadline_hit=True)
                 attempts += 1
-                outcome = self._attempt(method, node, quoted, api_path, remaining)
+                outcome = self._attempt(
+                    method,
+                    node,
+                    quoted,
+                    api_path,
+                    remaining,
+                    token=None if anonymous else (token or self._token),
+                    body=body,
+                    cert=cert,
+                )
                 if isinstance(outcome, requests.Response):
                     if node != self._current:
                         log.warning("kms: now using %s (was %s)", node, self._current)
@@ -439,14 +782,28 @@ class VaultAgent:
         raise self._unavailable(failures, attempts, deadline_hit=False)
 
     def _attempt(
-        self, method: str, node: str, quoted: str, api_path: str, remaining: float
+        self,
+        method: str,
+        node: str,
+        quoted: str,
+        api_path: str,
+        remaining: float,
+        *,
+        token: str | None = None,
+        body: Mapping[str, Any] | None = None,
+        cert: tuple[str, str] | None = None,
     ) -> requests.Response | _Failure:
         """One HTTP exchange with one node: its verdict (a Response) or why it gave none."""
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers["X-Vault-Token"] = token
         try:
             reply = self._session.request(
                 method,
                 node + quoted,
-                headers={"X-Vault-Token": self._token, "Accept": "application/json"},
+                headers=headers,
+                json=dict(body) if body is not None else None,
+                cert=cert,
                 timeout=(min(self.connect_timeout, remaining), min(self.timeout, remaining)),
                 verify=self.ca_file if self.ca_file else True,
                 allow_redirects=False,
@@ -544,7 +901,13 @@ class VaultAgent:
         return [" ".join(str(e).split())[:200] for e in errors[:3] if str(e).strip()]
 
     def _raise_for_status(
-        self, reply: requests.Response, body: Mapping[str, Any], path: str, node: str, deadline: float
+        self,
+        reply: requests.Response,
+        body: Mapping[str, Any],
+        path: str,
+        node: str,
+        deadline: float,
+        token: str | None = None,
     ) -> None:
         status = reply.status_code
         if 200 <= status < 300:
@@ -552,15 +915,19 @@ class VaultAgent:
         detail = "; ".join(self._errors(body))
         suffix = f": {detail}" if detail else ""
         if status == 403:
-            self._raise_denied(path, node, deadline)
+            self._raise_denied(path, node, deadline, token)
         if status == 404:
             raise KmsNotFound(f"no secret at {path} on {node}")
         raise KmsError(f"{node} answered HTTP {status} reading {path}{suffix}")
 
-    def _raise_denied(self, path: str, node: str, deadline: float, *, mount_check: bool = False) -> None:
+    def _raise_denied(
+        self, path: str, node: str, deadline: float, token: str | None = None, *, mount_check: bool = False
+    ) -> None:
         """Tell a dead token from a live one that lacks permission (Vault says 403 for both)."""
+        if path == "auth/token/lookup-self":  # the token check itself was refused: the token is dead
+            raise KmsDenied(f"{node} rejected the token: invalid, expired or revoked", token_invalid=True)
         try:
-            self._lookup_self(deadline)
+            self._lookup_self(deadline, token)
         except KmsDenied:
             raise
         except KmsError as exc:  # the 403 came from a live server; say what the token check hit
@@ -667,8 +1034,8 @@ def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
     """Build an agent from policy-file settings.
 
     - ``"vault"`` / ``"openbao"``: ``addr`` (one URL, or several nodes as a list or a comma-separated
-      string), ``token`` (or ``app_token``), optional ``ca_file``, ``timeout``, ``connect_timeout``,
-      ``retries``, ``backoff``, ``deadline``, ``kv_version``, ``session``.
+      string), ``token`` (or ``app_token``) or ``auth`` (a ``VaultLogin``), optional ``ca_file``,
+      ``timeout``, ``connect_timeout``, ``retries``, ``backoff``, ``deadline``, ``kv_version``, ``session``.
     - ``"json"``: ``file`` (path of a JSON secrets file) or ``values`` (a mapping).
     - ``"none"``: ``values`` - the original's policy_no_kms.json with values inline.
     Unknown options are refused so that a typo is not silently ignored.
@@ -687,11 +1054,12 @@ def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
             "deadline",
             "kv_version",
             "session",
+            "auth",
         }
         _refuse_unknown(kind, cfg, allowed)
         token = cfg.get("token", cfg.get("app_token"))
-        if "addr" not in cfg or token is None:
-            raise KmsConfigError(f"kms {kind!r} needs 'addr' and a token")
+        if "addr" not in cfg or (token is None and cfg.get("auth") is None):
+            raise KmsConfigError(f"kms {kind!r} needs 'addr' and a token or a login (auth)")
         options = {k: v for k, v in cfg.items() if k not in ("addr", "token", "app_token")}
         return VaultAgent(cfg["addr"], token, **options)
     if kind in ("json", "none"):

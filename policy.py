@@ -10,6 +10,12 @@ isv_prod_id, min_isv_svn, allow_debug, allowed_tcb_statuses, refused/accepted ad
      "app_list": [{"id": 1, "mr_enclave": "<64 hex>", "app_token": "<vault token>",
                    "secrets": {"master_key": "occlum/1/image_key"}}]}
 
+Instead of `app_token` a Vault app may log in with `"auth": {"method": "approle", "role_id_file",
+"secret_id_file"}` or `{"method": "cert", "cert_file", "key_file", "name"}` (files relative to the
+policy; credentials are never inline). Vault references are parsed here exactly as kms.parse_ref
+parses them, and the example's placeholder tokens are refused, so the server never starts with a
+policy its first request would fail on.
+
 `"kms": "none"` (alias `"json"`) carries the secret values inline, or, with a top-level
 `"secrets_file"`, names keys of that JSON file. Keys named `"_comment"` are allowed anywhere.
 
@@ -36,7 +42,17 @@ __all__ = ["AmbiguousApp", "AppPolicy", "Policy", "PolicyError", "load_policy", 
 APPRAISAL_KEYS = frozenset(ratls.REFERENCE_VALUE_KEYS)
 # Upper bound on one Vault read (all retries and nodes), unless the policy's own timeout is longer.
 VAULT_DEADLINE = 8.0
-APP_KEYS = frozenset({"_comment", "id", "app_token", "secrets"}) | APPRAISAL_KEYS
+APP_KEYS = frozenset({"_comment", "id", "app_token", "auth", "secrets"}) | APPRAISAL_KEYS
+# Vault login methods besides a static "app_token", and the fields of an app's "auth" object for each.
+AUTH_METHODS = ("token", "approle", "cert")
+AUTH_KEYS = {
+    "approle": frozenset({"_comment", "method", "role_id_file", "secret_id_file", "mount"}),
+    "cert": frozenset({"_comment", "method", "cert_file", "key_file", "name", "mount"}),
+}
+# Tokens as the shipped example and the docs spell them before write_secrets.sh fills in real ones.
+_PLACEHOLDER_TOKEN = re.compile(
+    r"(?i)(.*write_secrets.*|app\d*_token.*|<.*>|changeme|change-me|placeholder|todo|token|xxx+|\.\.\.)"
+)
 TOP_KEYS = frozenset(
     {
         "_comment",
@@ -325,8 +341,11 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
             )
         nodes = [n.strip().rstrip("/") for n in nodes]
         method = data.get("auth_method", "token")
-        if method != "token":
-            raise PolicyError(f"{where}: field 'auth_method' must be 'token' (the only method supported)")
+        if method not in AUTH_METHODS:
+            raise PolicyError(
+                f"{where}: field 'auth_method' must be one of {', '.join(AUTH_METHODS)} (the apps' "
+                "default; an app's own 'auth' object overrides it)"
+            )
         if "secrets_file" in data:
             raise PolicyError(f'{where}: field \'secrets_file\' only applies to "kms": "none"')
         ca_file = data.get("ca_file")
@@ -346,21 +365,30 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
             raise PolicyError(f"{where}: field 'timeout' must be seconds between 0 and 120")
 
         def vault_agent(app_where: str, app: Mapping[str, Any], _inline: Mapping[str, str]) -> kms.KmsAgent:
-            token = app.get("app_token")
-            if not isinstance(token, str) or not token.strip():
-                raise PolicyError(
-                    f"{app_where}: field 'app_token' is missing or empty; a Vault app needs "
-                    "its own read-only token (write_secrets.sh prints one per app)"
-                )
+            login = _vault_login(app_where, app, method, nodes, base_dir, warnings)
+            token = None
+            if login is None:
+                token = app.get("app_token")
+                if not isinstance(token, str) or not token.strip():
+                    raise PolicyError(
+                        f"{app_where}: field 'app_token' is missing or empty; a Vault app needs "
+                        "its own read-only token (write_secrets.sh prints one per app) or an 'auth' "
+                        "login (approle, cert)"
+                    )
+                problem = token_problem(token)
+                if problem:
+                    raise PolicyError(f"{app_where}: field 'app_token' {problem}")
+                token = token.strip()
             try:
                 # One get() must end before a client's default 10 s deadline, so that a hanging Vault
                 # reaches the enclave as UNAVAILABLE (retryable), not as DEADLINE_EXCEEDED.
                 deadline = max(float(timeout), VAULT_DEADLINE)
                 return kms.VaultAgent(
-                    nodes, token.strip(), ca_file=ca_file, timeout=float(timeout), deadline=deadline
+                    nodes, token, auth=login, ca_file=ca_file, timeout=float(timeout), deadline=deadline
                 )
             except (kms.KmsError, ValueError) as e:  # ValueError: an address urllib cannot split
-                raise PolicyError(f"{app_where}: field 'addr' or 'app_token': {e}") from None
+                field_name = "'auth'" if login is not None else "'app_token'"
+                raise PolicyError(f"{app_where}: field 'addr' or {field_name}: {e}") from None
 
         return vault_agent, True
 
@@ -417,6 +445,8 @@ def _parse_app(
     _unknown_keys(raw, APP_KEYS, aw)
     if kind != "vault" and raw.get("app_token"):
         warnings.append(f'{aw}: field \'app_token\' is ignored with "kms": "none"')
+    if kind != "vault" and raw.get("auth"):
+        warnings.append(f'{aw}: field \'auth\' is ignored with "kms": "none"')
 
     appraisal = {k: v for k, v in raw.items() if k in APPRAISAL_KEYS}
     if not any(appraisal.get(k) not in (None, "") for k in ("mr_enclave", "mr_signer")):
@@ -452,6 +482,9 @@ def _parse_app(
                     f"{aw}: field 'secrets.{name}' must be a KMS path 'mount/path[#field]' (the value is "
                     'not shown: it may be a secret left from "kms": "none")'
                 )
+            problem = kms.ref_problem(value)
+            if problem:  # exactly what the agent would refuse at request time, refused now
+                raise PolicyError(f"{aw}: field 'secrets.{name}': Vault reference refused: {problem}")
             paths[name] = value
         elif values_are_keys:
             if not value:
@@ -466,3 +499,106 @@ def _parse_app(
         raise PolicyError(f"{aw}: field 'secrets' has no secrets")
     agent = make_agent(aw, raw, inline)
     return AppPolicy(app_id, reference, paths, agent)
+
+
+# --- Vault credentials ----------------------------------------------------------------------------
+
+
+def token_problem(token: str) -> str | None:
+    """Why a static token cannot be a real one (the shipped example's placeholder), or None.
+    The message never repeats the token."""
+    if _PLACEHOLDER_TOKEN.fullmatch(token.strip()):
+        return (
+            "is a placeholder from the example, not a Vault token: run write_secrets.sh --policy FILE "
+            "(it fills in each app's read-only token) or paste the app's own token"
+        )
+    return None
+
+
+def _vault_login(
+    app_where: str,
+    app: Mapping[str, Any],
+    default_method: str,
+    nodes: list[str],
+    base_dir: Path,
+    warnings: list[str],
+) -> kms.VaultLogin | None:
+    """The app's login method from its 'auth' object (or the top-level auth_method); None for a
+    static 'app_token'. Credential files must exist now; their content is read again at each login."""
+    raw = app.get("auth")
+    if raw is not None and not isinstance(raw, dict):
+        raise PolicyError(f"{app_where}: field 'auth' must be an object, got {_shape(raw)}")
+    method = raw.get("method", default_method) if raw is not None else default_method
+    if method not in AUTH_METHODS:
+        raise PolicyError(f"{app_where}: field 'auth.method' must be one of {', '.join(AUTH_METHODS)}")
+    if method == "token":
+        if raw is not None:
+            raise PolicyError(
+                f"{app_where}: field 'auth': a static token goes in 'app_token'; 'auth' is for "
+                "approle or cert logins"
+            )
+        return None
+    if raw is None:
+        raise PolicyError(
+            f"{app_where}: field 'auth' is missing: auth_method {method!r} needs the app's own "
+            + ("role_id_file and secret_id_file" if method == "approle" else "cert_file and key_file")
+        )
+    for inline in ("role_id", "secret_id", "token", "client_token", "key", "cert"):
+        if inline in raw:
+            raise PolicyError(
+                f"{app_where}: field 'auth.{inline}': credentials are never written inline in the policy "
+                f"(the value is not shown); put it in a file (mode 0600) and name that file in "
+                f"'auth.{inline}_file'"
+            )
+    _unknown_keys(raw, AUTH_KEYS[method], f"{app_where}: field 'auth' ({method})")
+    if isinstance(app.get("app_token"), str) and app["app_token"].strip():
+        raise PolicyError(f"{app_where}: give either 'app_token' or an 'auth' login, not both")
+    mount = raw.get("mount", method)
+    if not isinstance(mount, str) or kms.ref_problem(mount + "/x") or "#" in mount:
+        raise PolicyError(f"{app_where}: field 'auth.mount' must be an auth mount path such as {method!r}")
+
+    def credential_file(key: str, what: str, private: bool, read: bool) -> str:
+        name = raw.get(key)
+        if not isinstance(name, str) or not name.strip():
+            raise PolicyError(f"{app_where}: field 'auth.{key}' must name the {what} file")
+        path = base_dir / name
+        try:
+            if read:
+                kms.read_credential_file(path, what)
+            else:
+                with open(path, "rb"):
+                    pass
+            mode = path.stat().st_mode
+        except kms.KmsConfigError as e:
+            raise PolicyError(f"{app_where}: field 'auth.{key}': {e}") from None
+        except OSError as e:
+            raise PolicyError(
+                f"{app_where}: field 'auth.{key}': cannot read {path}: {e.strerror or e}"
+            ) from None
+        if private and mode & 0o077:
+            warnings.append(
+                f"{app_where}: field 'auth.{key}': {path} is readable by other users but holds the "
+                f"{what}; chmod 600"
+            )
+        return str(path)
+
+    if method == "approle":
+        return kms.AppRoleLogin(
+            credential_file("role_id_file", "AppRole role_id", False, True),
+            credential_file("secret_id_file", "AppRole secret_id", True, True),
+            mount=mount.strip("/"),
+        )
+    if not all(n.startswith("https://") for n in nodes):
+        raise PolicyError(
+            f"{app_where}: field 'auth': cert auth needs https Vault addresses in 'addr' (the client "
+            "certificate is presented in the TLS handshake)"
+        )
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[\w.-]{1,128}", name)):
+        raise PolicyError(f"{app_where}: field 'auth.name' must be the cert role's name")
+    return kms.CertLogin(
+        credential_file("cert_file", "client certificate", False, False),
+        credential_file("key_file", "client key", True, False),
+        name=name,
+        mount=mount.strip("/"),
+    )

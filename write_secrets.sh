@@ -2,7 +2,8 @@
 # write_secrets.sh - load two enclave apps' secrets into Vault/OpenBao and make per-app tokens.
 #
 # Usage: ./write_secrets.sh [--policy FILE] [--init-file FILE] [--kv-version 1|2]
-#                           [--token-ttl TTL] [--overwrite] [-h|--help]
+#                           [--auth token|approle] [--creds-dir DIR]
+#                           [--token-ttl TTL] [--token-max-ttl TTL] [--overwrite] [-h|--help]
 #
 # Talks to the server at $VAULT_ADDR (default http://127.0.0.1:8200) with the first CLI found of:
 # $BAO_BIN, `vault` on PATH, `bao` on PATH. $VAULT_CACERT is honoured for https.
@@ -23,13 +24,23 @@
 #     (existing secrets are kept unless --overwrite: rotating an image key locks you out of images
 #      encrypted with it)
 #   - policy appN_policy: read-only on occlum/N/* and nothing else
-#   - a token with that policy only (orphan, so revoking the root token does not revoke it;
-#     TTL from --token-ttl / TOKEN_TTL, else the server's default)
+#   - --auth token (the default, as the original): a token with that policy only (orphan, so
+#     revoking the root token does not revoke it; TTL from --token-ttl / TOKEN_TTL, else the
+#     server's default). The server uses it as is and cannot renew or replace it.
+#   - --auth approle: the approle auth method (enabled at approle/ if absent), a role appN whose
+#     tokens carry only appN_policy (token_ttl from --token-ttl, default 1h; token_max_ttl from
+#     --token-max-ttl, default 24h), and its role_id and a new secret_id written to
+#     DIR/appN_role_id and DIR/appN_secret_id, mode 0600 (DIR: --creds-dir, default the policy
+#     file's directory with --policy, else ./approle). The server logs in with them, renews its
+#     token at half its TTL and logs in again when it must.
 #
-# Output: the app tokens are printed on stdout as APPN_TOKEN=<token> because you need them for the
-# policy file (or give --policy FILE and they are written into app_list entries with id 1 and 2,
-# atomically, the file left mode 0600). Secret values, the root token and the unseal key are never
-# printed. Secrets are generated in a private temporary directory and passed to the CLI as files
+# Output: with --auth token the app tokens are printed on stdout as APPN_TOKEN=<token> because you
+# need them for the policy file; with --auth approle the credential file names are printed as
+# APPN_ROLE_ID_FILE=... and APPN_SECRET_ID_FILE=... (the secret_id itself never is). --policy FILE
+# writes them into the app_list entries with id 1 and 2 ("app_token", or an "auth" object naming the
+# files), and sets "addr" to $VAULT_ADDR (unless "addr" already lists it, e.g. with the other nodes
+# of an HA cluster), atomically, the file left mode 0600. Secret values, the
+# root token and the unseal key are never printed. Secrets are generated in a private temporary directory and passed to the CLI as files
 # (never on a command line, which other users can read in ps), then deleted.
 set -euo pipefail
 
@@ -38,6 +49,9 @@ POLICY_FILE=""
 INIT_FILE="${INIT_FILE:-./vault_init.json}"
 KV_VERSION="${KV_VERSION:-1}"
 TOKEN_TTL="${TOKEN_TTL:-}"
+TOKEN_MAX_TTL="${TOKEN_MAX_TTL:-}"
+AUTH="${AUTH:-token}"
+CREDS_DIR=""
 OVERWRITE=0
 INITIALISED_HERE=0
 
@@ -64,6 +78,12 @@ while [ $# -gt 0 ]; do
         --kv-version=*) KV_VERSION="${1#*=}"; shift ;;
         --token-ttl) [ $# -ge 2 ] || die "--token-ttl needs a duration"; TOKEN_TTL="$2"; shift 2 ;;
         --token-ttl=*) TOKEN_TTL="${1#*=}"; shift ;;
+        --token-max-ttl) [ $# -ge 2 ] || die "--token-max-ttl needs a duration"; TOKEN_MAX_TTL="$2"; shift 2 ;;
+        --token-max-ttl=*) TOKEN_MAX_TTL="${1#*=}"; shift ;;
+        --auth) [ $# -ge 2 ] || die "--auth needs token or approle"; AUTH="$2"; shift 2 ;;
+        --auth=*) AUTH="${1#*=}"; shift ;;
+        --creds-dir) [ $# -ge 2 ] || die "--creds-dir needs a directory"; CREDS_DIR="$2"; shift 2 ;;
+        --creds-dir=*) CREDS_DIR="${1#*=}"; shift ;;
         --overwrite) OVERWRITE=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument '$1'" ;;
@@ -74,6 +94,17 @@ case "$KV_VERSION" in
     1 | 2) ;;
     *) die "KV version must be 1 or 2, not '$KV_VERSION'" ;;
 esac
+case "$AUTH" in
+    token | approle) ;;
+    *) die "--auth must be token or approle, not '$AUTH'" ;;
+esac
+if [ "$AUTH" = approle ] && [ -z "$CREDS_DIR" ]; then
+    if [ -n "$POLICY_FILE" ]; then
+        CREDS_DIR="$(dirname "$POLICY_FILE")"
+    else
+        CREDS_DIR="./approle"
+    fi
+fi
 
 # The CLI: $BAO_BIN, else vault, else bao. Both read VAULT_* (bao also BAO_*); set both.
 if [ -n "${BAO_BIN:-}" ]; then
@@ -113,7 +144,9 @@ PY
 }
 
 # policy_tool check|fill FILE APP...: check that FILE has an app_list entry per app (before anything
-# is created), or fill in their app_token from $ASPS_APP<id>_TOKEN, atomically, leaving mode 0600.
+# is created), or fill in "addr" from $VAULT_ADDR (kept when it already lists it) and each app's credentials - app_token from
+# $ASPS_APP<id>_TOKEN, or (with $ASPS_AUTH=approle) an "auth" object naming the files in
+# $ASPS_APP<id>_ROLE_ID_FILE / _SECRET_ID_FILE - atomically, leaving mode 0600.
 policy_tool() {
     python3 - "$@" <<'PY'
 import json, os, stat, sys, tempfile
@@ -128,9 +161,38 @@ entries = doc.get("app_list") if isinstance(doc, dict) else None
 if not isinstance(entries, list):
     sys.exit(f"write_secrets.sh: {path} has no app_list")
 filled = set()
+directory = os.path.dirname(os.path.abspath(path))
+
+
+def near(name):
+    """A credential file's name relative to the policy file (how the server resolves it) when inside."""
+    rel = os.path.relpath(os.path.abspath(name), directory)
+    return os.path.abspath(name) if rel.startswith("..") else rel
+
+
+approle = os.environ.get("ASPS_AUTH") == "approle"
+if mode_arg == "fill":
+    # The address this script talked to, unless the policy already lists it (an HA cluster's nodes).
+    vault_addr = os.environ["VAULT_ADDR"].strip().rstrip("/")
+    listed = doc.get("addr")
+    listed = listed.split(",") if isinstance(listed, str) else listed if isinstance(listed, list) else []
+    if vault_addr not in [str(a).strip().rstrip("/") for a in listed]:
+        doc["addr"] = vault_addr
+    if approle:
+        doc["auth_method"] = "approle"
+    elif doc.get("auth_method") not in (None, "token"):
+        doc["auth_method"] = "token"
 for entry in entries:
     if isinstance(entry, dict) and str(entry.get("id")) in apps:
-        if mode_arg == "fill":
+        if mode_arg == "fill" and approle:
+            entry.pop("app_token", None)
+            entry["auth"] = {
+                "method": "approle",
+                "role_id_file": near(os.environ[f"ASPS_APP{entry['id']}_ROLE_ID_FILE"]),
+                "secret_id_file": near(os.environ[f"ASPS_APP{entry['id']}_SECRET_ID_FILE"]),
+            }
+        elif mode_arg == "fill":
+            entry.pop("auth", None)
             entry["app_token"] = os.environ[f"ASPS_APP{entry['id']}_TOKEN"]
         filled.add(str(entry["id"]))
 missing = [a for a in apps if a not in filled]
@@ -141,7 +203,6 @@ if mode_arg == "check":
         sys.exit(f"write_secrets.sh: {path} (or its directory) is not writable")
     sys.exit(0)
 mode = stat.S_IMODE(os.stat(path).st_mode) & 0o600 or 0o600
-directory = os.path.dirname(os.path.abspath(path))
 fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
 try:
     with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -295,6 +356,9 @@ path "occlum/$app/*" {
   capabilities = ["read"]
 }
 EOF
+    if [ "$AUTH" = approle ]; then
+        continue
+    fi
     args=(token create -policy="app${app}_policy" -display-name="asps-app${app}" -field=token)
     if [ -n "$TOKEN_TTL" ]; then
         args+=(-ttl="$TOKEN_TTL")
@@ -308,17 +372,53 @@ EOF
     [ -n "${TOKENS[$app]}" ] || die "no token created for app $app"
 done
 
+# ---------------------------------------------------------------- AppRole credentials
+if [ "$AUTH" = approle ]; then
+    if ! cli auth list -format=json | grep -q '"approle/"'; then
+        cli auth enable approle >/dev/null
+        info "enabled the approle auth method at approle/"
+    fi
+    mkdir -p "$CREDS_DIR"
+    for app in "${APPS[@]}"; do
+        # A role whose tokens carry only the app's read-only policy; the server renews and logs in again.
+        cli write auth/approle/role/"app${app}" token_policies="app${app}_policy" \
+            token_ttl="${TOKEN_TTL:-1h}" token_max_ttl="${TOKEN_MAX_TTL:-24h}" >/dev/null
+        role_id_file="$CREDS_DIR/app${app}_role_id"
+        secret_id_file="$CREDS_DIR/app${app}_secret_id"
+        # umask 077: created 0600; written to a temp file first so a failure leaves the old one intact
+        cli read -field=role_id auth/approle/role/"app${app}"/role-id >"$role_id_file.tmp"
+        cli write -f -field=secret_id auth/approle/role/"app${app}"/secret-id >"$secret_id_file.tmp"
+        chmod 600 "$role_id_file.tmp" "$secret_id_file.tmp"
+        mv -f "$role_id_file.tmp" "$role_id_file"
+        mv -f "$secret_id_file.tmp" "$secret_id_file"
+        if [ ! -s "$role_id_file" ] || [ ! -s "$secret_id_file" ]; then
+            die "no AppRole credentials made for app $app"
+        fi
+        export "ASPS_APP${app}_ROLE_ID_FILE=$role_id_file" "ASPS_APP${app}_SECRET_ID_FILE=$secret_id_file"
+        info "AppRole app${app}: role_id and a new secret_id written to $CREDS_DIR (mode 0600)"
+    done
+fi
+
 # ---------------------------------------------------------------- policy file
 if [ -n "$POLICY_FILE" ]; then
-    for app in "${APPS[@]}"; do
-        export "ASPS_APP${app}_TOKEN=${TOKENS[$app]}"
-    done
-    policy_tool fill "$POLICY_FILE" "${APPS[@]}"
-    info "filled app_token of apps ${APPS[*]} into $POLICY_FILE (mode 0600)"
+    if [ "$AUTH" = token ]; then
+        for app in "${APPS[@]}"; do
+            export "ASPS_APP${app}_TOKEN=${TOKENS[$app]}"
+        done
+    fi
+    ASPS_AUTH="$AUTH" policy_tool fill "$POLICY_FILE" "${APPS[@]}"
+    info "filled addr and the $AUTH credentials of apps ${APPS[*]} into $POLICY_FILE (mode 0600)"
 fi
 
 if [ "$INITIALISED_HERE" = 1 ]; then
     info "the root token and unseal key are in $INIT_FILE: move it offline; revoke the root token when done"
+fi
+if [ "$AUTH" = approle ]; then
+    for app in "${APPS[@]}"; do
+        echo "APP${app}_ROLE_ID_FILE=$CREDS_DIR/app${app}_role_id"
+        echo "APP${app}_SECRET_ID_FILE=$CREDS_DIR/app${app}_secret_id"
+    done
+    exit 0
 fi
 info "app tokens follow: they are printed because the policy file needs them; each reads only its app's secrets"
 for app in "${APPS[@]}"; do

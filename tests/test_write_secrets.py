@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,82 @@ def test_shellcheck_clean() -> None:
 def openbao_kv2(tmp_path_factory: pytest.TempPathFactory):
     with OpenBao(tmp_path_factory.mktemp("bao-kv2")) as server:
         yield server
+
+
+def test_policy_fills_addr_too(openbao_kv2: OpenBao, tmp_path: Path) -> None:
+    policy = tmp_path / "policy_vault.json"
+    policy_template(policy, "http://vault.example.invalid:8200")  # the example's placeholder address
+    result = run_script(openbao_kv2, tmp_path, "--policy", str(policy), token=openbao_kv2.root_token)
+    assert result.returncode == 0, result.stderr
+    after = json.loads(policy.read_text())
+    assert after["addr"] == openbao_kv2.addr
+    assert [a["app_token"] for a in after["app_list"]] == list(printed_tokens(result.stdout).values())
+    # an HA cluster's node list that includes $VAULT_ADDR is kept as it is
+    nodes = f"http://127.0.0.1:1,{openbao_kv2.addr},http://127.0.0.1:2"
+    policy_template(policy, nodes)
+    result = run_script(openbao_kv2, tmp_path, "--policy", str(policy), token=openbao_kv2.root_token)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(policy.read_text())["addr"] == nodes
+
+
+def test_auth_approle_end_to_end(openbao_kv2: OpenBao, tmp_path: Path) -> None:
+    import asps_server
+    import policy as policy_mod
+
+    policy = tmp_path / "policy_vault.json"
+    policy_template(policy, "http://vault.example.invalid:8200")
+    result = run_script(
+        openbao_kv2,
+        tmp_path,
+        "--auth",
+        "approle",
+        "--policy",
+        str(policy),
+        "--token-ttl",
+        "3s",
+        "--token-max-ttl",
+        "6s",
+        token=openbao_kv2.root_token,
+        KV_VERSION="2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TOKEN=" not in result.stdout, "no static token is made or printed with --auth approle"
+    files = dict(re.findall(r"^APP(\d_(?:ROLE|SECRET)_ID_FILE)=(\S+)$", result.stdout, re.M))
+    assert len(files) == 4, result.stdout
+    secret_ids = []
+    for name in files.values():
+        path = tmp_path / name if not Path(name).is_absolute() else Path(name)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+        if "secret_id" in name:
+            secret_ids.append(path.read_text().strip())
+    for secret_id in secret_ids:
+        assert secret_id and secret_id not in result.stdout + result.stderr
+
+    doc = json.loads(policy.read_text())
+    assert doc["addr"] == openbao_kv2.addr and doc["auth_method"] == "approle"
+    assert all("app_token" not in a and a["auth"]["method"] == "approle" for a in doc["app_list"])
+    assert stat.S_IMODE(policy.stat().st_mode) == 0o600
+
+    # the server's own loader reads each app's secrets with them, and nothing of the other app's
+    loaded = policy_mod.load_policy(policy)
+    assert not loaded.warnings, loaded.warnings
+    values = {app.id: app.fetch(["master_key"])["master_key"] for app in loaded.apps}
+    assert IMAGE_KEY.match(values["1"]) and IMAGE_KEY.match(values["2"]) and values["1"] != values["2"]
+    with pytest.raises(KmsDenied):
+        loaded.apps[0].agent.get("occlum/2/image_key")
+
+    # check-policy --online agrees: logins work, TTLs are printed, no cross-app read
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "asps_server.py"), "check-policy", str(policy), "--online"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^ok: app 1 \(approle\): token valid, TTL [0-3]s", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^warning: app 1 \(approle\): token TTL [0-3]s is short", proc.stdout, re.M)
+    assert "app 2: cannot read any other app's secret" in proc.stdout
+    for secret_id in secret_ids:
+        assert secret_id not in proc.stdout + proc.stderr
+    assert asps_server.Kind.CONFIG  # the module loads with the check-policy dispatch
