@@ -57,6 +57,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+import x509_chain
+
 _log = logging.getLogger("dcap")
 _log.addHandler(logging.NullHandler())  # a library: the application decides where warnings go
 
@@ -685,28 +687,19 @@ def _cert_validity(piece: str, certs: list[_Cert] | tuple[_Cert, ...]) -> tuple[
     return tuple(_Validity(piece, f"certificate {c.cn!r}", c.not_before, c.not_after) for c in certs)
 
 
-def _verify_chain(certs: list[_Cert], root: _Cert, check: str, phrases: tuple[str, ...]) -> list[_Cert]:
-    """Chain (leaf first) that ends in the trusted root: each certificate signed by the next.  Like
-    Intel QVL, the root must be inside the chain (STATUS_SGX_ROOT_CA_MISSING otherwise) and be the
-    trusted root itself (Intel compares the signature bytes; we compare the whole DER).  `phrases`:
-    required CN phrase per position below the root, as Intel QVL checks them.  Returns the chain
-    without the root."""
-    if not certs[-1].self_signed:
-        raise VerificationError(check, f"chain does not include its root CA (it ends in {certs[-1].cn!r})")
-    if certs[-1].der != root.der:
-        raise VerificationError(check, f"chain ends in {certs[-1].cn!r}, which is not the trusted root")
-    certs = certs[:-1]
-    if len(certs) != len(phrases):
-        raise VerificationError(check, f"expected {len(phrases)} certificate(s) below the root, "
-                                f"got {len(certs)}")
-    for cert, phrase in zip(certs, phrases, strict=True):
-        if phrase not in cert.cn:
-            raise VerificationError(check, f"certificate CN {cert.cn!r} does not contain {phrase!r}")
-    for i, cert in enumerate(certs):
-        issuer = certs[i + 1] if i + 1 < len(certs) else root
-        if not _signed_by(cert, issuer):
-            raise VerificationError(check, f"certificate {cert.cn!r} is not signed by {issuer.cn!r}")
-    return certs
+def _verify_chain(certs: list[_Cert], root: _Cert, check: str, phrases: tuple[str, ...], *,
+                  leaf_is_ca: bool = False) -> list[_Cert]:
+    """Path from the chain's certificates (any order, extras ignored) to the trusted root, built and
+    validated by x509_chain (RFC 5280 via pyca, plus Intel's rules: the root inside the chain and
+    byte-identical to the trusted root).  `phrases`: required CN phrase of the leaf, then of each CA
+    below the root, as Intel QVL checks them.  Returns the path without the root, leaf first."""
+    spec = x509_chain.PathSpec(phrases[0], phrases[1:], leaf_is_ca)
+    try:
+        path = x509_chain.build_path([c.cert for c in certs], root.cert, spec, root.der)
+    except x509_chain.ChainError as exc:
+        raise VerificationError(check, str(exc)) from None
+    by_der = {c.der: c for c in certs}
+    return [by_der[p.public_bytes(serialization.Encoding.DER)] for p in path]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1353,7 +1346,7 @@ def _collateral_verified(c: Collateral, root: _Cert, caches: _Caches) -> _Verifi
     pck_ca = caches.chains.get(ckey)
     if pck_ca is None:
         certs = _pem_chain(c.pck_crl_issuer_chain, "pck_crl_issuer_chain", CollateralError)
-        (pck_ca,) = _verify_chain(certs, root, "pck_crl_chain", (_CN_INTERMEDIATE,))
+        (pck_ca,) = _verify_chain(certs, root, "pck_crl_chain", (_CN_INTERMEDIATE,), leaf_is_ca=True)
         caches.chains.put(ckey, pck_ca)
     pkey = ("pck_crl", c.pck_crl, pck_ca.der)
     pck_crl = caches.crls.get(pkey)
