@@ -977,6 +977,10 @@ def _check_crl(der: bytes, issuer: _Cert, piece: str) -> _VerifiedCrl:
     if parsed.issuer != issuer.cert.subject:
         raise VerificationError(piece, f"CRL issuer {parsed.issuer.rfc4514_string()!r} is not {issuer.cn!r}")
     try:
+        x509_chain.check_crl_signer(issuer.cert)
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise VerificationError(piece, str(exc)) from None
+    try:
         ok = crl.is_signature_valid(issuer.public_key)  # type: ignore[arg-type]
     except _X509_ERRORS:
         ok = False
@@ -1461,6 +1465,12 @@ def _check_qe_identity(qe: QeIdentity, report: ReportBody) -> QeTcbLevel:
     attrs = bytes(a & m for a, m in zip(report.attributes, qe.attributes_mask, strict=True))
     if attrs != qe.attributes:
         raise VerificationError("qe_attributes", "QE ATTRIBUTES do not match the QE identity under its mask")
+    if report.debug:
+        # Intel's QVL refuses a debug QE only through the identity's attributesMask, which Intel's QE
+        # identities set over the DEBUG bit (EnclaveReportVerifier.cpp 4.1.2.9.6, just above: such a QE
+        # fails there as qe_attributes, as in Intel's QVL).  A debug QE's signature proves nothing (its
+        # memory is open to the host), so it is refused here too when the mask lets it through.
+        raise VerificationError("qe_debug", "the quoting enclave runs in debug mode (DEBUG attribute set)")
     if report.mr_signer != qe.mrsigner:
         raise VerificationError("qe_mrsigner", "QE MRSIGNER is not the one in the QE identity")
     if report.isv_prod_id != qe.isvprodid:
@@ -1498,6 +1508,10 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
         vc = _collateral_verified(collateral, root, caches)
         _check_validity(vc.validity, vc.window, now)
     _check_validity(pck.validity, pck.window, now)
+    # revocation: the root by its own CRL (Intel's root CA CRL is issued by the root: a root listed
+    # there has been withdrawn, and nothing under it stands)
+    if root.serial in vc.root_crl.revoked:
+        raise VerificationError("root_ca_revoked", f"trusted root {root.cn!r} is revoked by its own CRL")
     # revocation: PCK CA by the root CA CRL (the quote's and the PCK CRL issuer chain's: a revoked CA
     # condemns the platform, it does not make the collateral unusable), PCK certificate by the PCK CRL
     # of its own CA
