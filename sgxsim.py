@@ -560,6 +560,17 @@ class SimPlatform:
                          "crl_url": CRL_URL["root"], **overrides})
         return _cert_pem(cert) + self._state["certs"]["root"]
 
+    def reissue_root(self, **overrides: Any) -> bytes:
+        """The root re-issued, self-signed (same name and key, so every certificate and CRL the sim
+        issued still verifies under it) with `_issue` keywords overridden, as PEM: a trust anchor for
+        tests of path validation."""
+        now = int(time.time())
+        cert = _issue(**{"subject": _name(ROOT_CN), "key": self._keys["root"], "issuer": _name(ROOT_CN),
+                         "issuer_key": self._keys["root"], "not_before": now - DAY,
+                         "not_after": now + 365 * DAY, "ca": True, "path_length": 1,
+                         "crl_url": CRL_URL["root"], **overrides})
+        return _cert_pem(cert).encode()
+
     def _sgx_ext(self, level: SimTcbLevel, ca: str, **overrides: Any) -> bytes:
         args: dict[str, Any] = {"ppid": self.ppid, "platform_instance_id": self.platform_instance_id,
                                 "fmspc": self.fmspc, "pce_id": self.pce_id}

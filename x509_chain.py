@@ -135,6 +135,8 @@ def _reason(exc: Exception) -> str:
     cut = text.find(" (encountered processing")
     if cut >= 0:
         text = text[:cut]
+    for noise in ("validation failed: ", "Python extension validator failed: ValueError: "):
+        text = text.replace(noise, "")
     for needle, rule in (("path length", "path length constraint"),
                          ("basicConstraints", "basic constraints"),
                          ("critical extension", "unknown critical extension"),

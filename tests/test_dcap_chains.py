@@ -229,6 +229,45 @@ def test_chain_case(cases, sim_platform, name):
     assert (case.qvl == "same") == (not case.why), "a difference needs its reason, and only a difference"
 
 
+ROOT_VARIANTS = {
+    "root_control": ({}, "accept", ""),
+    "root_without_basic_constraints": ({"basic_constraints": False}, "pck_chain", "basic constraints"),
+    "root_not_ca": ({"ca": False, "path_length": None}, "pck_chain", "basic constraints"),
+    "root_key_usage_without_cert_sign": ({"key_usage": usage(crl_sign=True)}, "pck_chain", "keyCertSign"),
+    "root_key_usage_without_crl_sign": ({"key_usage": usage(key_cert_sign=True)}, "root_ca_crl", "cRLSign"),
+    "root_path_length_zero": ({"path_length": 0}, "pck_chain", "path length"),
+}
+
+
+def _with_root(plat: sgxsim.SimPlatform, root_pem: bytes) -> tuple[bytes, dcap.Collateral]:
+    """A quote and collateral whose every chain ends in `root_pem` instead of the sim's root."""
+    def swap(chain: str | bytes) -> str:
+        return b"".join([*split_pem(chain)[:-1], root_pem]).decode()
+    coll = plat.build_collateral(issue=NOW - sgxsim.BACKDATE)
+    coll = dataclasses.replace(coll, pck_crl_issuer_chain=swap(coll.pck_crl_issuer_chain),
+                               tcb_info_issuer_chain=swap(coll.tcb_info_issuer_chain),
+                               qe_identity_issuer_chain=swap(coll.qe_identity_issuer_chain))
+    return plat.make_quote(RD, pck_chain=swap(plat.pck_chain_pem()).encode()), coll
+
+
+@pytest.mark.parametrize("name", sorted(ROOT_VARIANTS))
+def test_trusted_root_is_held_to_the_ca_rules(sim_platform, name):
+    """The trust anchor is an issuer too: pyca applies the CA policy to it (basic constraints, path
+    length, keyCertSign) and dcap checks cRLSign on every CRL issuer.  Stricter than both references:
+    dcap-qvl (webpki) takes an anchor's name and key only, and Intel's QVL checks the root's self-
+    signature and CN only (CommonVerifier::verifyRootCACert); each variant is asserted on both sides."""
+    overrides, expect, reason = ROOT_VARIANTS[name]
+    root_pem = sim_platform.reissue_root(**overrides)
+    root_der = x509.load_pem_x509_certificate(root_pem).public_bytes(dcap.serialization.Encoding.DER)
+    quote, coll = _with_root(sim_platform, root_pem)
+    outcome, detail = run_dcap(quote, coll, root_der)
+    if expect == "accept":
+        assert (outcome, detail) == ("accept", "UpToDate")
+    else:
+        assert outcome == "reject" and detail.startswith(f"{expect} |") and reason in detail, detail
+    assert run_qvl(quote, coll, root_der)[0] == "accept"
+
+
 # ---------------------------------------------------------------------------------------------------
 # x509_chain directly: shape and Intel's root rules
 # ---------------------------------------------------------------------------------------------------
