@@ -57,8 +57,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-import x509_chain
-
 _log = logging.getLogger("dcap")
 _log.addHandler(logging.NullHandler())  # a library: the application decides where warnings go
 
@@ -693,6 +691,8 @@ def _verify_chain(certs: list[_Cert], root: _Cert, check: str, phrases: tuple[st
     validated by x509_chain (RFC 5280 via pyca, plus Intel's rules: the root inside the chain and
     byte-identical to the trusted root).  `phrases`: required CN phrase of the leaf, then of each CA
     below the root, as Intel QVL checks them.  Returns the path without the root, leaf first."""
+    import x509_chain  # verification only: quote makers (the enclave side) never load it
+
     spec = x509_chain.PathSpec(phrases[0], phrases[1:], leaf_is_ca)
     try:
         path = x509_chain.build_path([c.cert for c in certs], root.cert, spec, root.der)
@@ -976,6 +976,8 @@ def _check_crl(der: bytes, issuer: _Cert, piece: str) -> _VerifiedCrl:
         raise VerificationError(piece, f"CRL lacks required extension(s): {', '.join(missing)}")
     if parsed.issuer != issuer.cert.subject:
         raise VerificationError(piece, f"CRL issuer {parsed.issuer.rfc4514_string()!r} is not {issuer.cn!r}")
+    import x509_chain  # verification only, as in _verify_chain
+
     try:
         x509_chain.check_crl_signer(issuer.cert)
     except (ValueError, x509.DuplicateExtension) as exc:
