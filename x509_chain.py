@@ -43,6 +43,9 @@ from cryptography.x509.verification import VerificationError as _PycaError
 # longer than Intel's shape is then refused for its real fault (a path length constraint) or by the
 # shape check, not as "no path found".
 MAX_DEPTH = 4
+# Most certificates one chain may hold.  Intel's have two or three; a few extras are tolerated, but path
+# building tries issuer candidates, so an unbounded bag of certificates would be a way to burn CPU.
+MAX_CERTS = 8
 
 
 class ChainError(Exception):
@@ -60,10 +63,15 @@ class PathSpec:
     leaf_is_ca: bool = False
 
 
+# What reading an untrusted certificate's names or extensions can raise (as dcap._X509_ERRORS).
+_X509_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, x509.DuplicateExtension,
+                                             x509.UnsupportedGeneralNameType)
+
+
 def _cn(cert: x509.Certificate) -> str:
     try:
         cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError:
+    except _X509_ERRORS:
         return ""
     return str(cns[0].value) if cns else ""
 
@@ -123,6 +131,8 @@ def check_crl_signer(cert: x509.Certificate) -> None:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return
+    except _X509_ERRORS as exc:
+        raise ValueError(f"extensions of CRL issuer {_cn(cert)!r} do not parse ({exc})") from None
     _crl_issuer_key_usage(None, cert, ku)
 
 
@@ -177,6 +187,8 @@ def build_path(certs: Sequence[x509.Certificate], root: x509.Certificate, spec: 
 
     Intel's own rules first: the chain must contain its root (STATUS_SGX_ROOT_CA_MISSING), and that
     root must be the trusted one (Intel compares signatures; here the whole DER)."""
+    if len(certs) > MAX_CERTS:
+        raise ChainError(f"chain holds {len(certs)} certificates, more than {MAX_CERTS}")
     roots = [c for c in certs if _self_issued(c)]
     if not roots:
         raise ChainError("chain does not include its root CA")
@@ -201,7 +213,7 @@ def build_path(certs: Sequence[x509.Certificate], root: x509.Certificate, spec: 
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, *_X509_ERRORS):
         return False
 
 
@@ -220,7 +232,7 @@ def _validate(leaf: x509.Certificate, certs: Sequence[x509.Certificate], root: x
                                    ee_policy=_CRL_CA_POLICY if spec.leaf_is_ca else _EE_POLICY))
     try:
         chain = builder.build_client_verifier().verify(leaf, others).chain
-    except _PycaError as exc:
+    except (_PycaError, *_X509_ERRORS) as exc:
         raise ChainError(f"{_cn(leaf)!r}: {_reason(exc)}") from None
     return _shaped(list(chain[:-1]), leaf, spec)
 

@@ -321,6 +321,17 @@ def test_build_path_refuses_a_forged_signature(sim_platform, tmp_path):
         x509_chain.build_path(renamed, root, PCK_SPEC, sim_platform.root_ca_der)
 
 
+def test_build_path_bounds_the_number_of_certificates(sim_platform, tmp_path):
+    """Path building tries candidates; a chain may carry a few extras, not an unbounded bag."""
+    leaf, inter, root = _certs(sim_platform.reissue_pck_chain())
+    others = [sgxsim.SimPlatform.init(tmp_path / str(i)) for i in range(2)]
+    extras = [x509.load_pem_x509_certificate(p) for o in others for p in split_pem(o.pck_chain_pem())]
+    bag = [leaf, inter, root, *extras[: x509_chain.MAX_CERTS - 3]]
+    assert x509_chain.build_path(bag, root, PCK_SPEC, sim_platform.root_ca_der) == [leaf, inter]
+    with pytest.raises(x509_chain.ChainError, match="more than"):
+        x509_chain.build_path([*bag, extras[-1]], root, PCK_SPEC, sim_platform.root_ca_der)
+
+
 def test_expired_leaf_is_named_by_the_validity_check(sim_platform):
     """A leaf that expired before its CA became valid can never be valid; the path is still handed to
     the per-call validity check, which names the certificate (check pck_chain_expired)."""
