@@ -1,6 +1,6 @@
 """`asps_server.py check-policy FILE [--online]`: check a policy file without starting a server.
 
-Imported only by asps_server's check-policy subcommand (and its tests). Offline it runs exactly
+Who may import it: asps_server's check-policy subcommand, and tests. Offline it runs exactly
 what the server runs when it loads a policy (at start and on SIGHUP), but lists every finding
 instead of stopping at the first: each app, and each of its Vault references, is checked on its
 own. ``--online`` then asks Vault/OpenBao: is each address reachable, do each app's credentials log

@@ -1,4 +1,6 @@
-"""Certificate paths for Intel's DCAP PKI (PCK, TCB signing, QE identity, PCK CRL issuer); dcap only.
+"""Certificate paths for Intel's DCAP PKI (PCK, TCB signing, QE identity, PCK CRL issuer).
+
+Who may import it: dcap (inside the functions that verify, so that nothing imports it at load) and tests.
 
 A chain arrives as a bag of certificates (a quote's certification data, a PCCS issuer-chain header) in
 whatever order its producer wrote them, sometimes with extras.  Like Intel's QVL (CertificateChain.cpp

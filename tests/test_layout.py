@@ -144,7 +144,8 @@ def test_simulator_imports_only_the_formats():
 def test_verifier_knows_neither_sources_nor_certificates_nor_providers():
     graph = import_graph()
     assert graph["dcap_quote"] == set()
-    assert graph["dcap"] == {"dcap_quote", "dcap_collateral"}
+    assert graph["dcap"] == {"dcap_quote", "dcap_collateral", "x509_chain"}
+    assert graph["x509_chain"] == set()
     assert graph["pccs"] == {"dcap", "dcap_quote", "dcap_collateral"}  # pccs serves dcap, not the reverse
 
 
@@ -171,6 +172,33 @@ def test_occlum_and_gramine_copy_exactly_the_enclave_side():
     template = (REPO / "asps_client.manifest.template").read_text()
     gramine = set(re.findall(r'"file:\{\{ asps_dir \}\}/(\w+)\.py"', template))
     assert gramine == ENCLAVE_MODULES | {"secretmanager_pb2", "secretmanager_pb2_grpc"}
+
+
+def test_occlum_server_image_holds_every_module_the_server_loads(sim_platform):
+    """What the server loads while it serves (a verification included: dcap imports x509_chain only
+    when it verifies) and what check-policy loads must all be in the Occlum server image."""
+    code = (
+        "import json, pathlib, sys\n"
+        "import asps_server, dcap, policy_check, sgxsim\n"
+        "p = sgxsim.SimPlatform.init(sys.argv[1])\n"
+        "dcap.Verifier(p.collateral(), root_ca=p.root_ca_der).verify(p.make_quote(b'x' * 64))\n"
+        "repo = pathlib.Path.cwd().resolve()\n"
+        "print(json.dumps(sorted(n for n, m in sys.modules.items()\n"
+        "    if getattr(m, '__file__', None) and pathlib.Path(m.__file__).resolve().parent == repo)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(sim_platform.directory)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout)) - {"sgxsim", "dcap_cli"}  # the test's own tools
+    assert "x509_chain" in loaded
+    script = (REPO / "build_occlum_instance.sh").read_text()
+    match = re.search(r'^ASPS_SERVER_FILES="\$\{ASPS_SERVER_FILES:-([^}]*)\}"', script, re.M)
+    assert match, "ASPS_SERVER_FILES default not found"
+    optional = re.search(r'^OPTIONAL_SERVER_FILES="([^"]*)"', script, re.M)
+    assert optional, "OPTIONAL_SERVER_FILES not found"
+    files = match.group(1).split() + optional.group(1).split()
+    image = {f.removesuffix(".py") for f in files if f.endswith(".py")}
+    assert loaded <= image, f"missing from the server image: {sorted(loaded - image)}"
 
 
 def test_verify_evidence_takes_a_declared_verifier_protocol():

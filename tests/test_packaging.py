@@ -38,8 +38,8 @@ CLIENT_FILES = [
     "requirements.txt",
 ]
 # Tenant side: never in the client image.
-SERVER_ONLY = ["asps_server.py", "policy.py", "kms.py", "ratls.py", "dcap.py", "dcap_collateral.py",
-               "pccs.py", "intel_sgx_root_ca.der"]
+SERVER_ONLY = ["asps_server.py", "policy.py", "policy_check.py", "kms.py", "ratls.py", "dcap.py",
+               "dcap_collateral.py", "x509_chain.py", "pccs.py", "intel_sgx_root_ca.der"]
 # Copied when present; the workspace has the first two only.
 OPTIONAL = ["secretmanager_pb2.py", "secretmanager_pb2_grpc.py"]
 CERTS = ["ca.crt", "server.crt", "server.key"]
