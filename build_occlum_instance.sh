@@ -71,7 +71,7 @@ OCCLUM_KERNEL_HEAP_SIZE="${OCCLUM_KERNEL_HEAP_SIZE:-64MB}"
 OCCLUM_MAX_THREADS="${OCCLUM_MAX_THREADS:-64}"
 MEASURE_WITH="${MEASURE_WITH:-auto}"
 ASPS_CLIENT_FILES="${ASPS_CLIENT_FILES:-asps_client.py asps_wire.py ratls_attest.py attester.py dcap_quote.py asps_pb2.py asps_pb2_grpc.py requirements.txt}"
-ASPS_SERVER_FILES="${ASPS_SERVER_FILES:-asps_server.py asps_wire.py ratls.py ratls_attest.py attester.py dcap.py dcap_quote.py dcap_collateral.py x509_chain.py pccs.py policy.py policy_check.py kms.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
+ASPS_SERVER_FILES="${ASPS_SERVER_FILES:-asps_server.py asps_wire.py ratls.py ratls_attest.py attester.py dcap.py dcap_quote.py dcap_collateral.py x509_chain.py pccs.py ops.py policy.py policy_check.py kms.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
 # Copied when present: the legacy cczoo stubs.
 OPTIONAL_CLIENT_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"
 OPTIONAL_SERVER_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"
