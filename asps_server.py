@@ -58,6 +58,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import asps_pb2
 import asps_pb2_grpc
 import asps_wire
+import cli_env
 import dcap
 import kms
 import ops
@@ -1519,7 +1520,7 @@ def setup_logging(fmt: str = "text", audit_file: str | None = None, level: int =
 def wants_json_logs(argv: Sequence[str]) -> bool:
     """--log-format json (or ASPS_LOG_FORMAT=json), seen before argparse runs, so that even its
     usage errors come out as JSON lines."""
-    fmt = os.environ.get("ASPS_LOG_FORMAT", "text")
+    fmt = cli_env.env("ASPS_LOG_FORMAT", "text")
     for i, arg in enumerate(argv):
         if arg == "--log-format" and i + 1 < len(argv):
             fmt = argv[i + 1]
@@ -1684,10 +1685,6 @@ examples:
 """
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
-
-
 TOKEN_KEY_CREDENTIAL = "token-key"  # systemd: LoadCredential=token-key:/etc/asps/token.key
 
 
@@ -1698,10 +1695,6 @@ def _credential(name: str) -> str | None:
     return path if path and os.path.isfile(path) else None
 
 
-def _env_flag(name: str) -> bool:
-    return (os.environ.get(name) or "").lower() in ("1", "true", "yes", "on")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="asps_server.py",
@@ -1709,154 +1702,189 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--host",
         "-host",
-        default=_env("ASPS_HOST", "localhost:50051"),
+        env_name="ASPS_HOST",
+        default="localhost:50051",
         help="address to listen on, HOST:PORT [ASPS_HOST] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--tls-cert",
         "--cert",
         "-cert",
         dest="cert",
-        default=_env("ASPS_CERT", "server.crt"),
+        env_name="ASPS_CERT",
+        default="server.crt",
         help="the server's TLS certificate chain, PEM [ASPS_CERT]; --cert is the original's name for it. "
         "Refused at start when expired, not yet valid or not the key's; a warning when it expires "
         "within 14 days; SIGHUP re-reads it",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--tls-key",
         "--key",
         "-key",
         dest="key",
-        default=_env("ASPS_KEY", "server.key"),
+        env_name="ASPS_KEY",
+        default="server.key",
         help="the server's TLS private key, PEM [ASPS_KEY]; --key is the original's name for it "
         "(on the client --key names a secret)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "-p",
         "--policy",
-        default=_env("ASPS_POLICY", "policy_vault.json"),
+        env_name="ASPS_POLICY",
+        default="policy_vault.json",
         help="policy file: which enclave gets which secrets, from which KMS [ASPS_POLICY] "
         "(default %(default)s)",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument(
+    cli_env.add_env_argument(
+        src,
         "--collateral",
-        default=_env("ASPS_COLLATERAL"),
+        env_name="ASPS_COLLATERAL",
         help="collateral bundle file (JSON) [ASPS_COLLATERAL]",
     )
-    src.add_argument(
+    cli_env.add_env_argument(
+        src,
         "--pccs",
-        default=_env("ASPS_PCCS"),
+        env_name="ASPS_PCCS",
         help="PCCS or Intel PCS base URL to fetch collateral from (the original's pccs_service_ip) "
         "[ASPS_PCCS]",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--root-ca",
-        default=_env("ASPS_ROOT_CA"),
+        env_name="ASPS_ROOT_CA",
         help="trusted root for quotes, PEM or DER [ASPS_ROOT_CA]; default the shipped Intel SGX Root CA. "
         "Anything else (a simulated platform's root) is logged as a loud warning",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--token-key-file",
-        default=_env("ASPS_TOKEN_KEY_FILE") or _credential(TOKEN_KEY_CREDENTIAL),
+        env_name="ASPS_TOKEN_KEY_FILE",
+        default=_credential(TOKEN_KEY_CREDENTIAL),
         help="file with the challenge HMAC key(s), one per line, first one signs [ASPS_TOKEN_KEY_FILE]; "
         "default under systemd: the 'token-key' credential ($CREDENTIALS_DIRECTORY/token-key, see "
         "deploy/asps-server.service). Or put the key in ASPS_TOKEN_KEY (never on the command line). "
         "Replicas sharing a key accept each other's challenges; without one a random per-process key "
         "is used",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--token-ttl",
         type=int,
-        default=_env("ASPS_TOKEN_TTL", "60"),
+        env_name="ASPS_TOKEN_TTL",
+        default="60",
         help="challenge lifetime in seconds [ASPS_TOKEN_TTL] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--legacy-cczoo",
         action="store_true",
-        default=_env_flag("ASPS_LEGACY_CCZOO"),
+        env_name="ASPS_LEGACY_CCZOO",
         help="also serve the original secretmanager.SecretManger/GetSecret protocol for existing "
         "confidential-computing-zoo clients [ASPS_LEGACY_CCZOO=1]. It is replayable: off by default",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--reflection",
         action="store_true",
-        default=_env_flag("ASPS_REFLECTION"),
+        env_name="ASPS_REFLECTION",
         help="enable gRPC server reflection [ASPS_REFLECTION=1]",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--log-format",
         choices=("text", "json"),
-        default=_env("ASPS_LOG_FORMAT", "text"),
+        env_name="ASPS_LOG_FORMAT",
+        default="text",
         help="operational log format on stderr [ASPS_LOG_FORMAT]; audit lines are JSON either way",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--audit-log",
-        default=_env("ASPS_AUDIT_LOG"),
+        env_name="ASPS_AUDIT_LOG",
         help="also write audit lines to this file [ASPS_AUDIT_LOG]",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--threads",
         type=int,
-        default=_env("ASPS_THREADS", "16"),
+        env_name="ASPS_THREADS",
+        default="16",
         help="threads for the CPU-bound and blocking work of GetSecrets (quote verification, ECDSA, "
         "HPKE, the KMS read); calls themselves wait on an event loop and hold no thread "
         "[ASPS_THREADS] (default %(default)s)",
     )
     _add_bound_flags(p)
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--grace",
         type=float,
-        default=_env("ASPS_GRACE", "10"),
+        env_name="ASPS_GRACE",
+        default="10",
         help="seconds in-flight calls get to finish on SIGTERM [ASPS_GRACE] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--metrics-port",
         type=int,
-        default=_env("ASPS_METRICS_PORT") or None,
+        env_name="ASPS_METRICS_PORT",
         help="serve Prometheus metrics over HTTP on this port [ASPS_METRICS_PORT] (default: none)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--metrics-host",
-        default=_env("ASPS_METRICS_HOST", "127.0.0.1"),
+        env_name="ASPS_METRICS_HOST",
+        default="127.0.0.1",
         help="address the metrics endpoint listens on [ASPS_METRICS_HOST] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--health-interval",
         type=float,
-        default=_env("ASPS_HEALTH_INTERVAL", "10"),
+        env_name="ASPS_HEALTH_INTERVAL",
+        default="10",
         help="seconds between checks that collateral is usable; grpc.health.v1 answers NOT_SERVING "
         "while it is not [ASPS_HEALTH_INTERVAL] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--replica-id",
-        default=_env("ASPS_REPLICA_ID"),
+        env_name="ASPS_REPLICA_ID",
         help="this replica's name, sent to clients as 'asps-replica' trailing metadata [ASPS_REPLICA_ID] "
         "(default HOSTNAME:PORT)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--evidence-cache",
         type=int,
-        default=_env("ASPS_EVIDENCE_CACHE", "4096"),
+        env_name="ASPS_EVIDENCE_CACHE",
+        default="4096",
         help="how many verified evidence certificates to remember, so a repeated one skips quote "
         "verification (token, signature and policy are still checked every time); 0 turns it off "
         "[ASPS_EVIDENCE_CACHE] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--workers",
         type=int,
-        default=_env("ASPS_WORKERS", "1"),
+        env_name="ASPS_WORKERS",
+        default="1",
         help="server processes sharing the port (SO_REUSEPORT), to use more than one core; they share "
         "the token key (a random one if none is given). A token is single-use per worker "
         "[ASPS_WORKERS] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--reuse-port",
         action="store_true",
-        default=_env_flag("ASPS_REUSE_PORT"),
+        env_name="ASPS_REUSE_PORT",
         help="let other processes listen on the same port (SO_REUSEPORT); --workers sets it "
         "[ASPS_REUSE_PORT=1]",
     )
@@ -1888,11 +1916,13 @@ def _add_bound_flags(p: argparse.ArgumentParser) -> None:
     for name, text in _BOUND_HELP.items():
         default = getattr(defaults, name)
         env = "ASPS_" + name.upper()
-        p.add_argument(
+        cli_env.add_env_argument(
+            p,
             "--" + name.replace("_", "-"),
             type=type(default),
             dest=name,
-            default=_env(env, str(default)),
+            env_name=env,
+            default=str(default),
             help=f"{text} [{env}] (default %(default)s)",
         )
 
@@ -1906,7 +1936,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         collateral=args.collateral,
         pccs=args.pccs,
         root_ca=args.root_ca,
-        token_keys=load_token_keys(args.token_key_file, os.environ.get("ASPS_TOKEN_KEY")),
+        token_keys=load_token_keys(args.token_key_file, cli_env.env("ASPS_TOKEN_KEY")),
         token_ttl=args.token_ttl,
         legacy_cczoo=args.legacy_cczoo,
         reflection=args.reflection,
@@ -2041,7 +2071,7 @@ def run_workers(argv: Sequence[str], args: argparse.Namespace) -> int:
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     try:
-        keys = load_token_keys(args.token_key_file, os.environ.get("ASPS_TOKEN_KEY"))
+        keys = load_token_keys(args.token_key_file, cli_env.env("ASPS_TOKEN_KEY"))
         host = _concrete_host(args.host)
     except (StartupError, OSError) as e:
         log.error("cannot start: %s", e)
