@@ -324,7 +324,9 @@ def _unknown_keys(d: Mapping[str, Any], allowed: frozenset[str], where: str) -> 
 
 
 def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Path, warnings: list[str]):
-    """(function (app where, app dict, inline name->value) -> KmsAgent, whether secrets name KMS keys)."""
+    """(function (app where, app dict, inline name->value) -> KmsAgent, whether secrets name KMS keys).
+
+    Checks the policy's KMS fields; the agents themselves come from kms.agent_from_config."""
     if kind == "vault":
         addr = data.get("addr")
         # One node, or several (a JSON list or a comma-separated string) of one HA cluster. No
@@ -383,8 +385,14 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
                 # One get() must end before a client's default 10 s deadline, so that a hanging Vault
                 # reaches the enclave as UNAVAILABLE (retryable), not as DEADLINE_EXCEEDED.
                 deadline = max(float(timeout), VAULT_DEADLINE)
-                return kms.VaultAgent(
-                    nodes, token, auth=login, ca_file=ca_file, timeout=float(timeout), deadline=deadline
+                return kms.agent_from_config(
+                    "vault",
+                    addr=nodes,
+                    token=token,
+                    auth=login,
+                    ca_file=ca_file,
+                    timeout=float(timeout),
+                    deadline=deadline,
                 )
             except (kms.KmsError, ValueError) as e:  # ValueError: an address urllib cannot split
                 field_name = "'auth'" if login is not None else "'app_token'"
@@ -401,7 +409,7 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
             raise PolicyError(f"{where}: field 'secrets_file' must be a file name")
         path = base_dir / secrets_file
         try:
-            shared = kms.JsonAgent.from_file(str(path))
+            shared = kms.agent_from_config("json", file=str(path))
             world_readable = bool(path.stat().st_mode & 0o004)
         except kms.KmsError as e:
             raise PolicyError(f"{where}: field 'secrets_file': {e}") from None
@@ -425,7 +433,7 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
 
     def inline_agent(app_where: str, app: Mapping[str, Any], inline: Mapping[str, str]) -> kms.KmsAgent:
         try:
-            return kms.JsonAgent(dict(inline), source=app_where)
+            return kms.agent_from_config("none", values=dict(inline), source=app_where)
         except kms.KmsError as e:
             raise PolicyError(f"{app_where}: {e}") from None
 
