@@ -41,7 +41,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -566,6 +566,20 @@ def fetch(grant: Grant, metrics: ops.NullMetrics | None = None) -> dict[str, byt
 # --- the pipeline, without gRPC -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _audited(rec: ops.AuditRecord) -> Iterator[ops.AuditRecord]:
+    """Writes `rec`'s one audit line as the block ends: granted, refused (a Refusal) or failed."""
+    try:
+        yield rec
+    except Refusal as r:
+        rec.refused(r)
+        raise
+    except Exception:
+        rec.failed()
+        raise
+    rec.granted()
+
+
 class Provisioner:
     """Runs the steps for one request and writes its audit line. Thread-safe."""
 
@@ -597,8 +611,7 @@ class Provisioner:
     def get_secrets(
         self, evidence: bytes, token: bytes, names: Sequence[str], signature: bytes, *, peer: str = ""
     ) -> tuple[str, bytes]:
-        rec = ops.AuditRecord("get_secrets", peer, list(names), metrics=self.metrics)
-        try:
+        with _audited(ops.AuditRecord("get_secrets", peer, list(names), metrics=self.metrics)) as rec:
             check_sizes(evidence, token, names, signature, self.limits)
             ticket = check_token(self.tokens, token)
             now = int(self._clock())
@@ -631,19 +644,11 @@ class Provisioner:
             sealed = seal(suite, public_key, values, token)
             if len(sealed) > self.limits.reply - 1024:
                 raise Refusal(Kind.TOO_LARGE, "seal", "the granted secrets exceed the reply size limit")
-        except Refusal as r:
-            rec.refused(r)
-            raise
-        except Exception:
-            rec.failed()
-            raise
-        rec.granted()
         return grant.app.id, sealed
 
     def get_secret_legacy(self, key: str, ctx: str, *, peer: str = "") -> str:
         """The cczoo protocol: one name, PEM certificate, value as text; replayable by design."""
-        rec = ops.AuditRecord("legacy_get_secret", peer, [key], metrics=self.metrics)
-        try:
+        with _audited(ops.AuditRecord("legacy_get_secret", peer, [key], metrics=self.metrics)) as rec:
             if not self.legacy:
                 raise Refusal(
                     Kind.DISABLED,
@@ -672,13 +677,6 @@ class Provisioner:
                     "legacy",
                     f"secret {key!r} is binary; the legacy protocol only carries text (use asps.v1)",
                 ) from None
-        except Refusal as r:
-            rec.refused(r)
-            raise
-        except Exception:
-            rec.failed()
-            raise
-        rec.granted()
         return text
 
 
