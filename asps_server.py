@@ -757,12 +757,16 @@ def _guarded(fn):
     return wrapper
 
 
-class SecretProvisionServicer(asps_pb2_grpc.SecretProvisionServicer):
-    """Runs on the event loop: GetChallenge there (an HMAC), GetSecrets in the work pool."""
+class _Servicer:
+    """What each servicer holds: the pipeline, and the work pool its blocking steps run in."""
 
     def __init__(self, provisioner: Provisioner, pool: WorkPool) -> None:
         self.p = provisioner
         self.pool = pool
+
+
+class SecretProvisionServicer(_Servicer, asps_pb2_grpc.SecretProvisionServicer):
+    """Runs on the event loop: GetChallenge there (an HMAC), GetSecrets in the work pool."""
 
     @_guarded
     async def GetChallenge(self, request, context):
@@ -784,11 +788,7 @@ class SecretProvisionServicer(asps_pb2_grpc.SecretProvisionServicer):
         return asps_pb2.SecretsReply(app_id=app_id, sealed=sealed)
 
 
-class LegacyServicer(secretmanager_pb2_grpc.SecretMangerServicer):
-    def __init__(self, provisioner: Provisioner, pool: WorkPool) -> None:
-        self.p = provisioner
-        self.pool = pool
-
+class LegacyServicer(_Servicer, secretmanager_pb2_grpc.SecretMangerServicer):
     @_guarded
     async def GetSecret(self, request, context):
         value = await self.pool.run(
