@@ -35,6 +35,7 @@ import asps_pb2_grpc
 import asps_wire
 import attester
 import ratls_attest
+from cli_env import add_env_argument, env
 from dcap_quote import DcapError
 
 # Protocol constants: see the README's "Protocol" section (the server has the same ones).
@@ -585,7 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    env = os.environ.get
     p.add_argument(
         "--host",
         "-host",
@@ -594,10 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="server address [ASPS_HOST] (default localhost:50051); repeat it or separate by commas to "
         "give several replicas, balanced by gRPC (see --lb)",
     )
-    p.add_argument(
+    add_env_argument(
+        p,
         "--lb",
         choices=LB_POLICIES,
-        default=env("ASPS_LB", "round_robin"),
+        env_name="ASPS_LB",
+        default="round_robin",
         help="gRPC load-balancing policy over the replicas [ASPS_LB]: round_robin spreads attestations, "
         "pick_first uses the first that answers and fails over in order (default %(default)s)",
     )
@@ -608,17 +610,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat the attestation this many times, with a fresh challenge, when a replica answers "
         "UNAVAILABLE (default %(default)s)",
     )
-    p.add_argument(
+    add_env_argument(
+        p,
         "--ca",
         "-ca",
         "--root_cert",
-        default=env("ASPS_CA", "ca.crt"),
-        help="CA certificate (PEM) the server's TLS certificate must chain to",
+        env_name="ASPS_CA",
+        default="ca.crt",
+        help="CA certificate (PEM) the server's TLS certificate must chain to [ASPS_CA]",
     )
-    p.add_argument(
+    add_env_argument(
+        p,
         "--server-name",
-        default=env("ASPS_SERVER_NAME"),
-        help="expected TLS name of the server, if not the host's",
+        env_name="ASPS_SERVER_NAME",
+        help="expected TLS name of the server, if not the host's [ASPS_SERVER_NAME]",
     )
     p.add_argument(
         "--secret",
@@ -636,11 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out-dir", help="write each secret to OUT_DIR/<name> with mode 0600 instead of printing it"
     )
-    p.add_argument(
+    add_env_argument(
+        p,
         "--provider",
         choices=("sim", "occlum", "gramine"),
-        default=env("ASPS_PROVIDER"),
-        help="quote provider (default: detect Occlum, then Gramine)",
+        env_name="ASPS_PROVIDER",
+        help="quote provider [ASPS_PROVIDER] (default: detect Occlum, then Gramine)",
     )
     p.add_argument(
         "--key-type", choices=("p256", "p384"), default="p256", help="evidence key type (default %(default)s)"
@@ -656,11 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the original secretmanager protocol (one --key; server must run --legacy-cczoo)",
     )
     sim = p.add_argument_group("simulated platform (demos and tests only; --provider sim)")
-    sim.add_argument(
+    add_env_argument(
+        sim,
         "--sim-dir",
-        default=env("ASPS_SIM_DIR", "sim"),
-        help="sim platform directory; it must exist (made by `python dcap.py sim-init DIR` or ./run.sh) "
-        "unless --sim-init is given (default %(default)s)",
+        env_name="ASPS_SIM_DIR",
+        default="sim",
+        help="sim platform directory [ASPS_SIM_DIR]; it must exist (made by `python dcap.py sim-init DIR` "
+        "or ./run.sh) unless --sim-init is given (default %(default)s)",
     )
     sim.add_argument(
         "--sim-init",
@@ -810,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n for n in (args.names or []) if n != "all"]
     try:
         ca_pem = _read_ca(args.ca)
-        hosts = parse_hosts(args.host or [os.environ.get("ASPS_HOST") or "localhost:50051"])
+        hosts = parse_hosts(args.host or [env("ASPS_HOST", "localhost:50051")])
     except ClientError as e:
         print(f"asps_client: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,7 +8,8 @@ tested without gRPC:
 
 Every refusal is a `Refusal` carrying its kind, step and reason; `STATUS_OF` is the single table
 that turns a kind into a gRPC status, and `classify` the single place that turns another module's
-exception into a kind. One JSON audit line is written per decision, never with a secret value.
+exception into a kind. One JSON audit line is written per decision (ops.AuditRecord), never with a
+secret value; metrics, health and the collateral watch are ops.py's too.
 
 Who may import it: nothing in the project (it is the tenant side's entry point); tests and benchmarks.
 """
@@ -40,7 +41,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import asps_pb2
 import asps_pb2_grpc
 import asps_wire
+import cli_env
 import dcap
 import kms
+import ops
 import pccs
 import policy as policy_mod
 import ratls
@@ -478,7 +481,7 @@ def _collateral_version(verifier: Any) -> Any:
     """The bundle a collateral file holds now (a new object when the file changes), else None: a PCCS
     source only changes its collateral at nextUpdate, which the entry's expiry already covers."""
     source = getattr(verifier, "source", None)
-    source = getattr(source, "source", source)  # CollateralWatch wraps the real source
+    source = getattr(source, "source", source)  # ops.CollateralWatch wraps the real source
     if not isinstance(source, pccs.FileCollateralSource):
         return None
     try:
@@ -547,13 +550,13 @@ def decide(
 # --- step: fetch and seal -----------------------------------------------------------------------------
 
 
-def fetch(grant: Grant, metrics: NullMetrics | None = None) -> dict[str, bytes]:
+def fetch(grant: Grant, metrics: ops.NullMetrics | None = None) -> dict[str, bytes]:
     start = time.monotonic()
     try:
         values = grant.app.fetch(grant.names)
     except kms.KmsError as e:
         if metrics is not None:
-            metrics.kms(_kms_result(e), time.monotonic() - start)
+            metrics.kms(ops.kms_result(e), time.monotonic() - start)
         raise classify(e, "kms") from None
     if metrics is not None:
         metrics.kms("ok", time.monotonic() - start)
@@ -561,6 +564,20 @@ def fetch(grant: Grant, metrics: NullMetrics | None = None) -> dict[str, bytes]:
 
 
 # --- the pipeline, without gRPC -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _audited(rec: ops.AuditRecord) -> Iterator[ops.AuditRecord]:
+    """Writes `rec`'s one audit line as the block ends: granted, refused (a Refusal) or failed."""
+    try:
+        yield rec
+    except Refusal as r:
+        rec.refused(r)
+        raise
+    except Exception:
+        rec.failed()
+        raise
+    rec.granted()
 
 
 class Provisioner:
@@ -575,10 +592,10 @@ class Provisioner:
         limits: Limits | None = None,
         legacy: bool = False,
         clock: Callable[[], float] = time.time,
-        metrics: NullMetrics | None = None,
+        metrics: ops.NullMetrics | None = None,
         evidence_cache: EvidenceCache | None = None,
     ) -> None:
-        self.metrics = metrics or NullMetrics()
+        self.metrics = metrics or ops.NullMetrics()
         self.evidence = EvidenceCache() if evidence_cache is None else evidence_cache
         self.policy = policy  # replaced whole on reload; each request reads it once
         self.verifier = verifier
@@ -594,8 +611,7 @@ class Provisioner:
     def get_secrets(
         self, evidence: bytes, token: bytes, names: Sequence[str], signature: bytes, *, peer: str = ""
     ) -> tuple[str, bytes]:
-        rec = _AuditRecord("get_secrets", peer, list(names), metrics=self.metrics)
-        try:
+        with _audited(ops.AuditRecord("get_secrets", peer, list(names), metrics=self.metrics)) as rec:
             check_sizes(evidence, token, names, signature, self.limits)
             ticket = check_token(self.tokens, token)
             now = int(self._clock())
@@ -628,19 +644,11 @@ class Provisioner:
             sealed = seal(suite, public_key, values, token)
             if len(sealed) > self.limits.reply - 1024:
                 raise Refusal(Kind.TOO_LARGE, "seal", "the granted secrets exceed the reply size limit")
-        except Refusal as r:
-            rec.refused(r)
-            raise
-        except Exception:
-            rec.failed()
-            raise
-        rec.granted()
         return grant.app.id, sealed
 
     def get_secret_legacy(self, key: str, ctx: str, *, peer: str = "") -> str:
         """The cczoo protocol: one name, PEM certificate, value as text; replayable by design."""
-        rec = _AuditRecord("legacy_get_secret", peer, [key], metrics=self.metrics)
-        try:
+        with _audited(ops.AuditRecord("legacy_get_secret", peer, [key], metrics=self.metrics)) as rec:
             if not self.legacy:
                 raise Refusal(
                     Kind.DISABLED,
@@ -669,69 +677,7 @@ class Provisioner:
                     "legacy",
                     f"secret {key!r} is binary; the legacy protocol only carries text (use asps.v1)",
                 ) from None
-        except Refusal as r:
-            rec.refused(r)
-            raise
-        except Exception:
-            rec.failed()
-            raise
-        rec.granted()
         return text
-
-
-@dataclass
-class _AuditRecord:
-    event: str
-    peer: str
-    names: list[str]
-    app_id: str | None = None
-    mr_enclave: str | None = None
-    mr_signer: str | None = None
-    tcb_status: str | None = None
-    start: float = field(default_factory=time.monotonic)
-    metrics: NullMetrics | None = None
-
-    def __post_init__(self) -> None:
-        # Request names are attacker-controlled: bound what reaches the log before they are checked.
-        self.names = [n[:256] for n in self.names[:64]]
-
-    def identity(self, ident: ratls.Identity) -> None:
-        self.mr_enclave, self.mr_signer = ident.mr_enclave.hex(), ident.mr_signer.hex()
-        self.tcb_status = ident.tcb_status
-
-    def _emit(
-        self, verdict: str, status: str, step: str | None, reason: str | None, detail: str | None
-    ) -> None:
-        line = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-            "event": self.event,
-            "peer": self.peer,
-            "mr_enclave": self.mr_enclave,
-            "mr_signer": self.mr_signer,
-            "tcb_status": self.tcb_status,
-            "app_id": self.app_id,
-            "names": self.names,
-            "verdict": verdict,
-            "status": status,
-            "step": step,
-            "reason": reason,
-            "ms": round((time.monotonic() - self.start) * 1000, 1),
-        }
-        if detail:
-            line["detail"] = detail
-        if self.metrics is not None:
-            protocol = "asps.v1" if self.event == "get_secrets" else "legacy"
-            self.metrics.decision(protocol, verdict, status, step, time.monotonic() - self.start)
-        audit_log.info(json.dumps(line, sort_keys=False), extra={"audit": line})
-
-    def granted(self) -> None:
-        self._emit("granted", "OK", None, None, None)
-
-    def refused(self, r: Refusal) -> None:
-        self._emit("refused", r.status.name, r.step, r.reason, r.detail)
-
-    def failed(self) -> None:
-        self._emit("refused", "INTERNAL", None, "internal error (see the server log)", None)
 
 
 # --- gRPC glue ----------------------------------------------------------------------------------------
@@ -811,12 +757,16 @@ def _guarded(fn):
     return wrapper
 
 
-class SecretProvisionServicer(asps_pb2_grpc.SecretProvisionServicer):
-    """Runs on the event loop: GetChallenge there (an HMAC), GetSecrets in the work pool."""
+class _Servicer:
+    """What each servicer holds: the pipeline, and the work pool its blocking steps run in."""
 
     def __init__(self, provisioner: Provisioner, pool: WorkPool) -> None:
         self.p = provisioner
         self.pool = pool
+
+
+class SecretProvisionServicer(_Servicer, asps_pb2_grpc.SecretProvisionServicer):
+    """Runs on the event loop: GetChallenge there (an HMAC), GetSecrets in the work pool."""
 
     @_guarded
     async def GetChallenge(self, request, context):
@@ -838,11 +788,7 @@ class SecretProvisionServicer(asps_pb2_grpc.SecretProvisionServicer):
         return asps_pb2.SecretsReply(app_id=app_id, sealed=sealed)
 
 
-class LegacyServicer(secretmanager_pb2_grpc.SecretMangerServicer):
-    def __init__(self, provisioner: Provisioner, pool: WorkPool) -> None:
-        self.p = provisioner
-        self.pool = pool
-
+class LegacyServicer(_Servicer, secretmanager_pb2_grpc.SecretMangerServicer):
     @_guarded
     async def GetSecret(self, request, context):
         value = await self.pool.run(
@@ -1052,393 +998,6 @@ class LoopThread:
             self.loop.close()
 
 
-class LoopHealth:
-    """grpc.health.v1's aio servicer behind the synchronous `set` that HealthMonitor and `stop` call
-    from other threads (from the loop's own thread the change is scheduled, not awaited)."""
-
-    def __init__(self, servicer: health.aio.HealthServicer, loop: LoopThread) -> None:
-        self.servicer, self._loop = servicer, loop
-
-    def set(self, service: str, status: int) -> None:
-        if self._loop.loop.is_closed():
-            return
-        if self._loop.on_loop():
-            self._loop.loop.create_task(self.servicer.set(service, status))
-        else:
-            self._loop.call(self.servicer.set(service, status), timeout=10)
-
-
-# --- metrics and health -------------------------------------------------------------------------------
-
-
-class NullMetrics:
-    """Metrics off (no --metrics-port): every hook does nothing; prometheus_client is never imported,
-    so a server without metrics needs nothing beyond requirements.txt's core."""
-
-    port: int | None = None
-
-    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float) -> None:
-        """One attestation decision (mirrors the audit line)."""
-
-    def kms(self, result: str, seconds: float) -> None:
-        """One KMS fetch for a grant: ok / unavailable / denied / not_found / error."""
-
-    def policy_reload(self, ok: bool) -> None:
-        """One SIGHUP reload attempt."""
-
-    def watch(
-        self, provisioner: Provisioner, collateral: CollateralWatch | None, monitor: HealthMonitor
-    ) -> None:
-        """Numbers read at scrape time from the objects that own them."""
-
-    def watch_pool(self, pool: WorkPool) -> None:
-        """The work pool's admitted and shed calls, read at scrape time."""
-
-    def close(self) -> None:
-        """Stop serving /metrics."""
-
-
-def _kms_result(exc: BaseException | None) -> str:
-    if exc is None:
-        return "ok"
-    if isinstance(exc, kms.KmsUnavailable):
-        return "unavailable"
-    if isinstance(exc, kms.KmsDenied):
-        return "denied"
-    if isinstance(exc, kms.KmsNotFound):
-        return "not_found"
-    return "error"
-
-
-# Bounded label values: steps are names in this file, codes gRPC status names; never measurements or
-# reasons (free text), so the number of series stays fixed whatever clients send.
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class Metrics(NullMetrics):
-    """Prometheus metrics on a registry of their own (several servers can share a process), served
-    as the text format over plain HTTP on host:port (127.0.0.1 unless told otherwise: the numbers
-    are operational, not secret, but there is no reason to show them to the world)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        import prometheus_client as prom
-
-        self.registry = prom.CollectorRegistry()
-        reg = self.registry
-        prom.ProcessCollector(registry=reg)  # process_resident_memory_bytes, cpu seconds, open fds
-        self.attestations = prom.Counter(
-            "asps_attestations",
-            "Attestation decisions by result, gRPC status and the step that refused (none if granted)",
-            ["protocol", "result", "code", "step"],
-            registry=reg,
-        )
-        self.latency = prom.Histogram(
-            "asps_get_secrets_duration_seconds",
-            "Time to decide one GetSecrets call (token check to sealed reply), by result",
-            ["result"],
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.kms_requests = prom.Counter(
-            "asps_kms_requests", "KMS fetches (one per granted request) by result", ["result"], registry=reg
-        )
-        self.kms_latency = prom.Histogram(
-            "asps_kms_request_duration_seconds",
-            "Time of one KMS fetch",
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.reloads = prom.Counter(
-            "asps_policy_reloads", "Policy reloads (SIGHUP) by result", ["result"], registry=reg
-        )
-        try:
-            self._http, self._thread = prom.start_http_server(port, addr=host, registry=reg)
-        except OSError as e:
-            raise StartupError(f"--metrics-port {port} on {host}: {e.strerror or e}") from None
-        self.port = self._http.server_address[1]
-
-    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float) -> None:
-        self.attestations.labels(protocol, verdict, status, step or "none").inc()
-        if protocol == "asps.v1":
-            self.latency.labels(verdict).observe(seconds)
-
-    def kms(self, result: str, seconds: float) -> None:
-        self.kms_requests.labels(result).inc()
-        self.kms_latency.observe(seconds)
-
-    def policy_reload(self, ok: bool) -> None:
-        self.reloads.labels("ok" if ok else "failed").inc()
-
-    def watch(
-        self, provisioner: Provisioner, collateral: CollateralWatch | None, monitor: HealthMonitor
-    ) -> None:
-        self.registry.register(_StateCollector(provisioner, collateral, monitor))
-
-    def watch_pool(self, pool: WorkPool) -> None:
-        self.registry.register(_PoolCollector(pool))
-
-    def close(self) -> None:
-        self._http.shutdown()
-        self._http.server_close()
-
-
-class _PoolCollector:
-    def __init__(self, pool: WorkPool) -> None:
-        self.pool = pool
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        yield GaugeMetricFamily(
-            "asps_work_pool_admitted",
-            "Calls admitted to the work pool now (running or waiting for a thread)",
-            value=self.pool.admitted,
-        )
-        yield GaugeMetricFamily("asps_work_pool_limit", "--max-inflight in force", value=self.pool.limit)
-        yield CounterMetricFamily(
-            "asps_work_pool_shed",
-            "Calls refused RESOURCE_EXHAUSTED: the work pool was full",
-            value=self.pool.shed,
-        )
-
-
-class _StateCollector:
-    def __init__(
-        self, provisioner: Provisioner, collateral: CollateralWatch | None, monitor: HealthMonitor
-    ) -> None:
-        self.p, self.c, self.m = provisioner, collateral, monitor
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        yield GaugeMetricFamily(
-            "asps_serving",
-            "1 when grpc.health.v1 says SERVING, 0 when NOT_SERVING",
-            value=int(self.m.serving),
-        )
-        yield GaugeMetricFamily(
-            "asps_policy_apps", "Apps in the policy in force", value=len(self.p.policy.apps)
-        )
-        yield GaugeMetricFamily(
-            "asps_outstanding_tokens",
-            "Redeemed challenges remembered until they expire",
-            value=len(self.p.tokens),
-        )
-        cache = getattr(self.p, "evidence", None)
-        if cache is not None and hasattr(cache, "hits"):
-            yield CounterMetricFamily(
-                "asps_evidence_cache_hits", "Evidence whose verification was remembered", value=cache.hits
-            )
-            yield CounterMetricFamily(
-                "asps_evidence_cache_misses", "Evidence verified in full", value=cache.misses
-            )
-        if self.c is None:
-            return
-        s = self.c.snapshot()
-        yield CounterMetricFamily(
-            "asps_collateral_cache_hits", "Collateral lookups answered from the cache", value=s.hits
-        )
-        fetches = CounterMetricFamily(
-            "asps_collateral_fetches",
-            "Collateral fetched or re-read from its source, by result",
-            labels=["result"],
-        )
-        for result, n in sorted(s.fetches.items()):
-            fetches.add_metric([result], n)
-        yield fetches
-        if s.http_requests is not None:
-            yield CounterMetricFamily(
-                "asps_pccs_http_requests", "HTTP requests made to the PCCS", value=s.http_requests
-            )
-        if s.earliest_expiry is not None:
-            yield GaugeMetricFamily(
-                "asps_collateral_expiry_timestamp_seconds",
-                "Earliest nextUpdate of the collateral in use (unix time): refresh it before then",
-                value=s.earliest_expiry,
-            )
-
-
-@dataclass(frozen=True)
-class CollateralState:
-    hits: int
-    fetches: dict[str, int]
-    http_requests: int | None
-    earliest_expiry: int | None
-
-
-class CollateralWatch:
-    """Stands between the Verifier and its collateral source: tells a cache hit from a fetch (a new
-    object from the source), remembers each platform's collateral expiry, and says whether collateral
-    can be used: not when the source is unreachable, a file cannot be read, or collateral in use is
-    past its nextUpdate. `probe` retries what failed, so health recovers without a request."""
-
-    MAX_KEYS = 256
-
-    def __init__(self, source: Any, *, clock: Callable[[], float] = time.time) -> None:
-        self.source = source
-        self._clock = clock
-        # a file is one bundle for every platform; a PCCS has one per (FMSPC, CA type)
-        self._per_platform = not isinstance(source, pccs.FileCollateralSource)
-        self._lock = threading.Lock()
-        self._last: dict[tuple[bytes, str], Any] = {}
-        self._expiry: dict[tuple[bytes, str], int] = {}
-        self._failing: dict[tuple[bytes, str], str] = {}
-        self._hits = 0
-        self._fetches = {"ok": 0, "unavailable": 0, "invalid": 0}
-        self.on_change: Callable[[], None] | None = None
-
-    def get(self, fmspc: bytes, ca: str, now: int | None = None) -> dcap.Collateral:
-        return self._lookup(self._key(fmspc, ca), now, count=True)
-
-    def _key(self, fmspc: bytes, ca: str) -> tuple[bytes, str]:
-        return (bytes(fmspc), str(ca)) if self._per_platform else (b"", "")
-
-    def _lookup(self, key: tuple[bytes, str], now: int | None, *, count: bool) -> dcap.Collateral:
-        try:
-            coll = self.source.get(key[0], key[1], now)
-        except dcap.DcapError as e:
-            unavailable = isinstance(e, dcap.CollateralUnavailable)
-            with self._lock:
-                self._fetches["unavailable" if unavailable else "invalid"] += 1
-                # An unknown FMSPC (PCCS 404) is that platform's problem, not the service's.
-                serious = unavailable or not self._per_platform or key in self._last
-                changed = serious and key not in self._failing
-                if serious and (key in self._failing or len(self._failing) < self.MAX_KEYS):
-                    self._failing[key] = str(e)[:300]
-            if changed:
-                self._changed()
-            raise
-        with self._lock:
-            fresh = self._last.get(key) is not coll
-        expiry = None
-        if fresh:
-            try:
-                expiry = dcap.collateral_next_update(coll)
-            except dcap.DcapError:
-                expiry = None  # the verification itself will say what is wrong with it
-        with self._lock:
-            if fresh:
-                self._fetches["ok"] += 1
-                if key in self._last or len(self._last) < self.MAX_KEYS:
-                    self._last[key] = coll
-                    if expiry is not None:
-                        self._expiry[key] = expiry
-                    else:
-                        self._expiry.pop(key, None)
-            elif count:
-                self._hits += 1
-            changed = self._failing.pop(key, None) is not None
-        if changed:
-            self._changed()
-        return coll
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
-
-    def probe(self) -> None:
-        """Look up every known platform's collateral again (refetching what expired or failed)."""
-        with self._lock:
-            keys = set(self._last) | set(self._failing)
-        if not self._per_platform:
-            keys = {(b"", "")}
-        now = int(self._clock())
-        for key in keys:
-            with contextlib.suppress(dcap.DcapError):  # recorded by _lookup
-                self._lookup(key, now, count=False)
-
-    def problem(self) -> str | None:
-        """Why collateral cannot be used now, or None."""
-        now = int(self._clock())
-        with self._lock:
-            if self._failing:
-                return "collateral source failing: " + next(iter(self._failing.values()))
-            expired = [e for e in self._expiry.values() if e < now]
-        if expired:
-            return f"collateral expired {now - min(expired)} s ago (past its nextUpdate) and not refreshed"
-        return None
-
-    def snapshot(self) -> CollateralState:
-        requests = getattr(self.source, "requests", None)
-        with self._lock:
-            return CollateralState(
-                self._hits,
-                dict(self._fetches),
-                requests if isinstance(requests, int) else None,
-                min(self._expiry.values()) if self._expiry else None,
-            )
-
-
-class HealthMonitor:
-    """Keeps grpc.health.v1 in step with whether the service can attest: NOT_SERVING while collateral
-    cannot be used, SERVING again once it can. Checked on every change the watch sees and every
-    `interval` seconds (probing the source, so recovery needs no client request)."""
-
-    def __init__(
-        self,
-        servicer: LoopHealth,
-        services: Sequence[str],
-        collateral: CollateralWatch | None,
-        interval: float,
-    ) -> None:
-        self.servicer, self.services, self.collateral = servicer, tuple(services), collateral
-        self.interval = interval
-        self.serving = True
-        self.reason: str | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="asps-health", daemon=True)
-        if collateral is not None:
-            collateral.on_change = self.check
-
-    def start(self) -> None:
-        self.check(probe=True, initial=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check(probe=True)
-            except Exception:  # the monitor must outlive any surprise
-                log.exception("health check failed")
-
-    def check(self, *, probe: bool = False, initial: bool = False) -> None:
-        if self._stop.is_set():
-            return
-        if probe and self.collateral is not None:
-            self.collateral.probe()
-        problem = self.collateral.problem() if self.collateral is not None else None
-        with self._lock:
-            if self._stop.is_set():
-                return
-            serving = problem is None
-            changed = serving != self.serving or initial
-            self.serving, self.reason = serving, problem
-            if not changed:
-                return  # Watch streams hear of changes only
-            if serving and not initial:
-                log.warning("health: SERVING again (collateral usable)")
-            elif not serving:
-                log.error("health: NOT_SERVING: %s", problem)
-            status = (
-                health_pb2.HealthCheckResponse.SERVING
-                if serving
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            for service in self.services:
-                self.servicer.set(service, status)
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stop.set()
-
-
 # --- the server's own TLS certificate: checked at start, rotated on SIGHUP ------------------------------
 
 TLS_EXPIRY_WARNING = datetime.timedelta(days=14)
@@ -1620,12 +1179,12 @@ class ServerHandle:
 
     server: grpc.aio.Server
     provisioner: Provisioner
-    health: LoopHealth
+    health: ops.LoopHealth
     config: ServerConfig
     port: int
     _stopped: threading.Event = field(default_factory=threading.Event)
-    monitor: HealthMonitor | None = None
-    metrics: NullMetrics = field(default_factory=NullMetrics)
+    monitor: ops.HealthMonitor | None = None
+    metrics: ops.NullMetrics = field(default_factory=ops.NullMetrics)
     tls: ServerTlsIdentity | None = None  # reloaded on SIGHUP with the policy
     loop: LoopThread | None = None
     pool: WorkPool | None = None
@@ -1744,7 +1303,7 @@ def build_verifier(config: ServerConfig) -> dcap.Verifier:
         raise StartupError(f"collateral: {e}") from None
     if isinstance(source, pccs.PccsCollateralSource):
         source.timeout = PCCS_FETCH_TIMEOUT
-    return dcap.Verifier(CollateralWatch(source), root_ca=root)
+    return dcap.Verifier(ops.CollateralWatch(source), root_ca=root)
 
 
 def _reflection_module() -> Any:
@@ -1825,21 +1384,23 @@ def serve(config: ServerConfig) -> ServerHandle:
         pool.shutdown()
         raise
     provisioner.replica_id = config.replica_id or f"{socket.gethostname()}:{port}"
-    metrics: NullMetrics = NullMetrics()
+    metrics: ops.NullMetrics = ops.NullMetrics()
     if config.metrics_port is not None:
         try:
-            metrics = Metrics(config.metrics_host, config.metrics_port)
-        except StartupError:
+            metrics = ops.Metrics(config.metrics_host, config.metrics_port)
+        except OSError as e:
             loop.call(server.stop(0), 30)
             loop.close()
             pool.shutdown()
-            raise
+            raise StartupError(
+                f"--metrics-port {config.metrics_port} on {config.metrics_host}: {e.strerror or e}"
+            ) from None
         provisioner.metrics = metrics
-    watch = verifier.source if isinstance(verifier.source, CollateralWatch) else None
+    watch = verifier.source if isinstance(verifier.source, ops.CollateralWatch) else None
     services = ["", SERVICE_NAME] + ([LEGACY_SERVICE_NAME] if config.legacy_cczoo else [])
     if not config.legacy_cczoo:
         health_servicer.set(LEGACY_SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-    monitor = HealthMonitor(health_servicer, services, watch, config.health_interval)
+    monitor = ops.HealthMonitor(health_servicer, services, watch, config.health_interval)
     monitor.start()
     metrics.watch(provisioner, watch, monitor)
     metrics.watch_pool(pool)
@@ -1873,7 +1434,7 @@ def serve(config: ServerConfig) -> ServerHandle:
 
 async def _start_grpc(
     config: ServerConfig, provisioner: Provisioner, pool: WorkPool, loop: LoopThread, creds: Any
-) -> tuple[grpc.aio.Server, LoopHealth, int]:
+) -> tuple[grpc.aio.Server, ops.LoopHealth, int]:
     """The aio server, its services and its port, made on the loop (aio objects belong to the loop
     they are made on); started later by `serve`, once health and metrics are in place."""
     bounds = config.bounds
@@ -1903,7 +1464,7 @@ async def _start_grpc(
         raise StartupError(f"cannot listen on {config.host}: {e}") from None
     if not port:
         raise StartupError(f"cannot listen on {config.host}")
-    return server, LoopHealth(health_servicer, loop), port
+    return server, ops.LoopHealth(health_servicer, loop), port
 
 
 # --- logging ------------------------------------------------------------------------------------------
@@ -1957,7 +1518,7 @@ def setup_logging(fmt: str = "text", audit_file: str | None = None, level: int =
 def wants_json_logs(argv: Sequence[str]) -> bool:
     """--log-format json (or ASPS_LOG_FORMAT=json), seen before argparse runs, so that even its
     usage errors come out as JSON lines."""
-    fmt = os.environ.get("ASPS_LOG_FORMAT", "text")
+    fmt = cli_env.env("ASPS_LOG_FORMAT", "text")
     for i, arg in enumerate(argv):
         if arg == "--log-format" and i + 1 < len(argv):
             fmt = argv[i + 1]
@@ -2122,10 +1683,6 @@ examples:
 """
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
-
-
 TOKEN_KEY_CREDENTIAL = "token-key"  # systemd: LoadCredential=token-key:/etc/asps/token.key
 
 
@@ -2136,10 +1693,6 @@ def _credential(name: str) -> str | None:
     return path if path and os.path.isfile(path) else None
 
 
-def _env_flag(name: str) -> bool:
-    return (os.environ.get(name) or "").lower() in ("1", "true", "yes", "on")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="asps_server.py",
@@ -2147,154 +1700,189 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--host",
         "-host",
-        default=_env("ASPS_HOST", "localhost:50051"),
+        env_name="ASPS_HOST",
+        default="localhost:50051",
         help="address to listen on, HOST:PORT [ASPS_HOST] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--tls-cert",
         "--cert",
         "-cert",
         dest="cert",
-        default=_env("ASPS_CERT", "server.crt"),
+        env_name="ASPS_CERT",
+        default="server.crt",
         help="the server's TLS certificate chain, PEM [ASPS_CERT]; --cert is the original's name for it. "
         "Refused at start when expired, not yet valid or not the key's; a warning when it expires "
         "within 14 days; SIGHUP re-reads it",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--tls-key",
         "--key",
         "-key",
         dest="key",
-        default=_env("ASPS_KEY", "server.key"),
+        env_name="ASPS_KEY",
+        default="server.key",
         help="the server's TLS private key, PEM [ASPS_KEY]; --key is the original's name for it "
         "(on the client --key names a secret)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "-p",
         "--policy",
-        default=_env("ASPS_POLICY", "policy_vault.json"),
+        env_name="ASPS_POLICY",
+        default="policy_vault.json",
         help="policy file: which enclave gets which secrets, from which KMS [ASPS_POLICY] "
         "(default %(default)s)",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument(
+    cli_env.add_env_argument(
+        src,
         "--collateral",
-        default=_env("ASPS_COLLATERAL"),
+        env_name="ASPS_COLLATERAL",
         help="collateral bundle file (JSON) [ASPS_COLLATERAL]",
     )
-    src.add_argument(
+    cli_env.add_env_argument(
+        src,
         "--pccs",
-        default=_env("ASPS_PCCS"),
+        env_name="ASPS_PCCS",
         help="PCCS or Intel PCS base URL to fetch collateral from (the original's pccs_service_ip) "
         "[ASPS_PCCS]",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--root-ca",
-        default=_env("ASPS_ROOT_CA"),
+        env_name="ASPS_ROOT_CA",
         help="trusted root for quotes, PEM or DER [ASPS_ROOT_CA]; default the shipped Intel SGX Root CA. "
         "Anything else (a simulated platform's root) is logged as a loud warning",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--token-key-file",
-        default=_env("ASPS_TOKEN_KEY_FILE") or _credential(TOKEN_KEY_CREDENTIAL),
+        env_name="ASPS_TOKEN_KEY_FILE",
+        default=_credential(TOKEN_KEY_CREDENTIAL),
         help="file with the challenge HMAC key(s), one per line, first one signs [ASPS_TOKEN_KEY_FILE]; "
         "default under systemd: the 'token-key' credential ($CREDENTIALS_DIRECTORY/token-key, see "
         "deploy/asps-server.service). Or put the key in ASPS_TOKEN_KEY (never on the command line). "
         "Replicas sharing a key accept each other's challenges; without one a random per-process key "
         "is used",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--token-ttl",
         type=int,
-        default=_env("ASPS_TOKEN_TTL", "60"),
+        env_name="ASPS_TOKEN_TTL",
+        default="60",
         help="challenge lifetime in seconds [ASPS_TOKEN_TTL] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--legacy-cczoo",
         action="store_true",
-        default=_env_flag("ASPS_LEGACY_CCZOO"),
+        env_name="ASPS_LEGACY_CCZOO",
         help="also serve the original secretmanager.SecretManger/GetSecret protocol for existing "
         "confidential-computing-zoo clients [ASPS_LEGACY_CCZOO=1]. It is replayable: off by default",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--reflection",
         action="store_true",
-        default=_env_flag("ASPS_REFLECTION"),
+        env_name="ASPS_REFLECTION",
         help="enable gRPC server reflection [ASPS_REFLECTION=1]",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--log-format",
         choices=("text", "json"),
-        default=_env("ASPS_LOG_FORMAT", "text"),
+        env_name="ASPS_LOG_FORMAT",
+        default="text",
         help="operational log format on stderr [ASPS_LOG_FORMAT]; audit lines are JSON either way",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--audit-log",
-        default=_env("ASPS_AUDIT_LOG"),
+        env_name="ASPS_AUDIT_LOG",
         help="also write audit lines to this file [ASPS_AUDIT_LOG]",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--threads",
         type=int,
-        default=_env("ASPS_THREADS", "16"),
+        env_name="ASPS_THREADS",
+        default="16",
         help="threads for the CPU-bound and blocking work of GetSecrets (quote verification, ECDSA, "
         "HPKE, the KMS read); calls themselves wait on an event loop and hold no thread "
         "[ASPS_THREADS] (default %(default)s)",
     )
     _add_bound_flags(p)
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--grace",
         type=float,
-        default=_env("ASPS_GRACE", "10"),
+        env_name="ASPS_GRACE",
+        default="10",
         help="seconds in-flight calls get to finish on SIGTERM [ASPS_GRACE] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--metrics-port",
         type=int,
-        default=_env("ASPS_METRICS_PORT") or None,
+        env_name="ASPS_METRICS_PORT",
         help="serve Prometheus metrics over HTTP on this port [ASPS_METRICS_PORT] (default: none)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--metrics-host",
-        default=_env("ASPS_METRICS_HOST", "127.0.0.1"),
+        env_name="ASPS_METRICS_HOST",
+        default="127.0.0.1",
         help="address the metrics endpoint listens on [ASPS_METRICS_HOST] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--health-interval",
         type=float,
-        default=_env("ASPS_HEALTH_INTERVAL", "10"),
+        env_name="ASPS_HEALTH_INTERVAL",
+        default="10",
         help="seconds between checks that collateral is usable; grpc.health.v1 answers NOT_SERVING "
         "while it is not [ASPS_HEALTH_INTERVAL] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--replica-id",
-        default=_env("ASPS_REPLICA_ID"),
+        env_name="ASPS_REPLICA_ID",
         help="this replica's name, sent to clients as 'asps-replica' trailing metadata [ASPS_REPLICA_ID] "
         "(default HOSTNAME:PORT)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--evidence-cache",
         type=int,
-        default=_env("ASPS_EVIDENCE_CACHE", "4096"),
+        env_name="ASPS_EVIDENCE_CACHE",
+        default="4096",
         help="how many verified evidence certificates to remember, so a repeated one skips quote "
         "verification (token, signature and policy are still checked every time); 0 turns it off "
         "[ASPS_EVIDENCE_CACHE] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--workers",
         type=int,
-        default=_env("ASPS_WORKERS", "1"),
+        env_name="ASPS_WORKERS",
+        default="1",
         help="server processes sharing the port (SO_REUSEPORT), to use more than one core; they share "
         "the token key (a random one if none is given). A token is single-use per worker "
         "[ASPS_WORKERS] (default %(default)s)",
     )
-    p.add_argument(
+    cli_env.add_env_argument(
+        p,
         "--reuse-port",
         action="store_true",
-        default=_env_flag("ASPS_REUSE_PORT"),
+        env_name="ASPS_REUSE_PORT",
         help="let other processes listen on the same port (SO_REUSEPORT); --workers sets it "
         "[ASPS_REUSE_PORT=1]",
     )
@@ -2326,11 +1914,13 @@ def _add_bound_flags(p: argparse.ArgumentParser) -> None:
     for name, text in _BOUND_HELP.items():
         default = getattr(defaults, name)
         env = "ASPS_" + name.upper()
-        p.add_argument(
+        cli_env.add_env_argument(
+            p,
             "--" + name.replace("_", "-"),
             type=type(default),
             dest=name,
-            default=_env(env, str(default)),
+            env_name=env,
+            default=str(default),
             help=f"{text} [{env}] (default %(default)s)",
         )
 
@@ -2344,7 +1934,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         collateral=args.collateral,
         pccs=args.pccs,
         root_ca=args.root_ca,
-        token_keys=load_token_keys(args.token_key_file, os.environ.get("ASPS_TOKEN_KEY")),
+        token_keys=load_token_keys(args.token_key_file, cli_env.env("ASPS_TOKEN_KEY")),
         token_ttl=args.token_ttl,
         legacy_cczoo=args.legacy_cczoo,
         reflection=args.reflection,
@@ -2479,7 +2069,7 @@ def run_workers(argv: Sequence[str], args: argparse.Namespace) -> int:
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     try:
-        keys = load_token_keys(args.token_key_file, os.environ.get("ASPS_TOKEN_KEY"))
+        keys = load_token_keys(args.token_key_file, cli_env.env("ASPS_TOKEN_KEY"))
         host = _concrete_host(args.host)
     except (StartupError, OSError) as e:
         log.error("cannot start: %s", e)

@@ -17,7 +17,7 @@
 #   conda create --prefix ./python-occlum -y python=3.11
 #   ./python-occlum/bin/python3 -m pip install -r requirements.txt
 #
-# Inside the client image: the enclave side only, /bin/{asps_client.py, asps_wire.py,
+# Inside the client image: the enclave side only, /bin/{asps_client.py, asps_wire.py, cli_env.py,
 # ratls_attest.py, attester.py, dcap_quote.py, asps_pb2*.py, requirements.txt} (exactly what
 # `import asps_client` loads: tests/test_layout.py checks it) and /etc/asps/ca.crt (the server CA).
 # Inside the server image: the server modules in /bin and /etc/asps/{ca.crt, server.crt,
@@ -70,8 +70,8 @@ OCCLUM_USER_SPACE_SIZE="${OCCLUM_USER_SPACE_SIZE:-640MB}"
 OCCLUM_KERNEL_HEAP_SIZE="${OCCLUM_KERNEL_HEAP_SIZE:-64MB}"
 OCCLUM_MAX_THREADS="${OCCLUM_MAX_THREADS:-64}"
 MEASURE_WITH="${MEASURE_WITH:-auto}"
-ASPS_CLIENT_FILES="${ASPS_CLIENT_FILES:-asps_client.py asps_wire.py ratls_attest.py attester.py dcap_quote.py asps_pb2.py asps_pb2_grpc.py requirements.txt}"
-ASPS_SERVER_FILES="${ASPS_SERVER_FILES:-asps_server.py asps_wire.py ratls.py ratls_attest.py attester.py dcap.py dcap_quote.py dcap_collateral.py x509_chain.py pccs.py policy.py policy_check.py kms.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
+ASPS_CLIENT_FILES="${ASPS_CLIENT_FILES:-asps_client.py asps_wire.py cli_env.py ratls_attest.py attester.py dcap_quote.py asps_pb2.py asps_pb2_grpc.py requirements.txt}"
+ASPS_SERVER_FILES="${ASPS_SERVER_FILES:-asps_server.py asps_wire.py cli_env.py ratls.py ratls_attest.py attester.py dcap.py dcap_quote.py dcap_collateral.py x509_chain.py pccs.py ops.py policy.py policy_check.py kms.py asps_pb2.py asps_pb2_grpc.py intel_sgx_root_ca.der requirements.txt}"
 # Copied when present: the legacy cczoo stubs.
 OPTIONAL_CLIENT_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"
 OPTIONAL_SERVER_FILES="secretmanager_pb2.py secretmanager_pb2_grpc.py"

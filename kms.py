@@ -1031,12 +1031,14 @@ class JsonAgent:
 
 # --------------------------------------------------------------------------------------- factory
 def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
-    """Build an agent from policy-file settings.
+    """Build an agent from policy-file settings: the one KMS factory (policy.py checks the file's
+    fields, then calls this for each app).
 
     - ``"vault"`` / ``"openbao"``: ``addr`` (one URL, or several nodes as a list or a comma-separated
       string), ``token`` (or ``app_token``) or ``auth`` (a ``VaultLogin``), optional ``ca_file``,
       ``timeout``, ``connect_timeout``, ``retries``, ``backoff``, ``deadline``, ``kv_version``, ``session``.
-    - ``"json"``: ``file`` (path of a JSON secrets file) or ``values`` (a mapping).
+    - ``"json"``: ``file`` (path of a JSON secrets file) or ``values`` (a mapping, with an optional
+      ``source`` naming where it came from in error messages).
     - ``"none"``: ``values`` - the original's policy_no_kms.json with values inline.
     Unknown options are refused so that a typo is not silently ignored.
     """
@@ -1063,12 +1065,12 @@ def agent_from_config(kms: str, **cfg: Any) -> KmsAgent:
         options = {k: v for k, v in cfg.items() if k not in ("addr", "token", "app_token")}
         return VaultAgent(cfg["addr"], token, **options)
     if kind in ("json", "none"):
-        _refuse_unknown(kind, cfg, {"file", "values"})
-        if ("file" in cfg) == ("values" in cfg):
-            raise KmsConfigError(f"kms {kind!r} needs exactly one of 'file' or 'values'")
+        _refuse_unknown(kind, cfg, {"file", "values", "source"})
+        if ("file" in cfg) == ("values" in cfg) or ("file" in cfg and "source" in cfg):
+            raise KmsConfigError(f"kms {kind!r} needs exactly one of 'file' or 'values' (and 'source')")
         if "file" in cfg:
             return JsonAgent.from_file(cfg["file"])
-        return JsonAgent(cfg["values"], source="inline")
+        return JsonAgent(cfg["values"], source=str(cfg.get("source", "inline")))
     raise KmsConfigError(f"unknown kms {kms!r} (expected vault, openbao, json or none)")
 
 

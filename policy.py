@@ -323,8 +323,17 @@ def _unknown_keys(d: Mapping[str, Any], allowed: frozenset[str], where: str) -> 
         )
 
 
+def _named_file(value: Any, field_name: str, where: str, base_dir: Path) -> Path:
+    """A policy field naming a file, relative to the policy's directory."""
+    if not isinstance(value, str) or not value:
+        raise PolicyError(f"{where}: field {field_name!r} must be a file name")
+    return base_dir / value
+
+
 def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Path, warnings: list[str]):
-    """(function (app where, app dict, inline name->value) -> KmsAgent, whether secrets name KMS keys)."""
+    """(function (app where, app dict, inline name->value) -> KmsAgent, whether secrets name KMS keys).
+
+    Checks the policy's KMS fields; the agents themselves come from kms.agent_from_config."""
     if kind == "vault":
         addr = data.get("addr")
         # One node, or several (a JSON list or a comma-separated string) of one HA cluster. No
@@ -350,9 +359,7 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
             raise PolicyError(f'{where}: field \'secrets_file\' only applies to "kms": "none"')
         ca_file = data.get("ca_file")
         if ca_file is not None:
-            if not isinstance(ca_file, str) or not ca_file:
-                raise PolicyError(f"{where}: field 'ca_file' must be a file name")
-            ca_path = base_dir / ca_file
+            ca_path = _named_file(ca_file, "ca_file", where, base_dir)
             try:
                 found = ca_path.is_file()
             except OSError as e:  # e.g. a name too long for the file system
@@ -383,8 +390,14 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
                 # One get() must end before a client's default 10 s deadline, so that a hanging Vault
                 # reaches the enclave as UNAVAILABLE (retryable), not as DEADLINE_EXCEEDED.
                 deadline = max(float(timeout), VAULT_DEADLINE)
-                return kms.VaultAgent(
-                    nodes, token, auth=login, ca_file=ca_file, timeout=float(timeout), deadline=deadline
+                return kms.agent_from_config(
+                    "vault",
+                    addr=nodes,
+                    token=token,
+                    auth=login,
+                    ca_file=ca_file,
+                    timeout=float(timeout),
+                    deadline=deadline,
                 )
             except (kms.KmsError, ValueError) as e:  # ValueError: an address urllib cannot split
                 field_name = "'auth'" if login is not None else "'app_token'"
@@ -397,11 +410,9 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
             warnings.append(f'{where}: field {k!r} is ignored with "kms": "none"')
     secrets_file = data.get("secrets_file")
     if secrets_file is not None:
-        if not isinstance(secrets_file, str) or not secrets_file:
-            raise PolicyError(f"{where}: field 'secrets_file' must be a file name")
-        path = base_dir / secrets_file
+        path = _named_file(secrets_file, "secrets_file", where, base_dir)
         try:
-            shared = kms.JsonAgent.from_file(str(path))
+            shared = kms.agent_from_config("json", file=str(path))
             world_readable = bool(path.stat().st_mode & 0o004)
         except kms.KmsError as e:
             raise PolicyError(f"{where}: field 'secrets_file': {e}") from None
@@ -425,7 +436,7 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
 
     def inline_agent(app_where: str, app: Mapping[str, Any], inline: Mapping[str, str]) -> kms.KmsAgent:
         try:
-            return kms.JsonAgent(dict(inline), source=app_where)
+            return kms.agent_from_config("none", values=dict(inline), source=app_where)
         except kms.KmsError as e:
             raise PolicyError(f"{app_where}: {e}") from None
 

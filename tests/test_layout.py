@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = frozenset({"asps_pb2", "asps_pb2_grpc", "secretmanager_pb2", "secretmanager_pb2_grpc"})
-ENCLAVE_MODULES = frozenset({"asps_client", "asps_wire", "ratls_attest", "attester", "dcap_quote",
+ENCLAVE_MODULES = frozenset({"asps_client", "asps_wire", "cli_env", "ratls_attest", "attester", "dcap_quote",
                              "asps_pb2", "asps_pb2_grpc"})
 # Imported by enclave-side code only on request, never by `import asps_client`: the legacy cczoo stubs
 # (--legacy-cczoo) and the simulated platform (get_provider("sim"), for demos off SGX).

@@ -30,6 +30,7 @@ BASH = shutil.which("bash") or "/bin/bash"
 CLIENT_FILES = [
     "asps_client.py",
     "asps_wire.py",
+    "cli_env.py",
     "ratls_attest.py",
     "attester.py",
     "dcap_quote.py",
@@ -38,7 +39,7 @@ CLIENT_FILES = [
     "requirements.txt",
 ]
 # Tenant side: never in the client image.
-SERVER_ONLY = ["asps_server.py", "policy.py", "policy_check.py", "kms.py", "ratls.py", "dcap.py",
+SERVER_ONLY = ["asps_server.py", "ops.py", "policy.py", "policy_check.py", "kms.py", "ratls.py", "dcap.py",
                "dcap_collateral.py", "x509_chain.py", "pccs.py", "intel_sgx_root_ca.der"]
 # Copied when present; the workspace has the first two only.
 OPTIONAL = ["secretmanager_pb2.py", "secretmanager_pb2_grpc.py"]
@@ -240,7 +241,7 @@ def test_client_image_has_the_client_modules_and_the_ca_only(built: Workspace) -
 
 def test_server_image_has_server_modules_certs_and_the_measured_policy(built: Workspace) -> None:
     image = built.instance("server") / "image"
-    shared = ["asps_wire.py", "ratls_attest.py", "attester.py", "dcap_quote.py", "asps_pb2.py",
+    shared = ["asps_wire.py", "cli_env.py", "ratls_attest.py", "attester.py", "dcap_quote.py", "asps_pb2.py",
               "asps_pb2_grpc.py"]
     for name in [*SERVER_ONLY, *OPTIONAL[:1], *shared]:
         assert (image / "bin" / name).read_bytes() == (built.src / name).read_bytes(), name
