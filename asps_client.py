@@ -13,10 +13,8 @@ Gramine image is enough; no verifier, collateral, policy, KMS, simulator or serv
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
-import ipaddress
 import json
 import os
 import socket
@@ -26,7 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -35,8 +33,10 @@ import asps_pb2_grpc
 import asps_wire
 import attester
 import ratls_attest
-from cli_env import add_env_argument, env
 from dcap_quote import DcapError
+
+if TYPE_CHECKING:  # the command line's modules load with the command line, not with the library
+    import argparse
 
 # Protocol constants: see the README's "Protocol" section (the server has the same ones).
 MAX_REPLY_BYTES = 4 * 1024 * 1024
@@ -225,6 +225,8 @@ def _split_host_port(addr: str) -> tuple[str, int]:
 
 def _ip_addresses(host: str, port: int) -> tuple[list[str], list[str]]:
     """(IPv4, IPv6) addresses of `host`: itself if a literal, else what the system resolver says."""
+    import ipaddress
+
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -569,6 +571,8 @@ def _read_ca(ca: bytes | str | None) -> bytes | None:
 
 
 def _hex32(value: str) -> bytes:
+    import argparse
+
     try:
         raw = bytes.fromhex(value)
     except ValueError:
@@ -579,6 +583,10 @@ def _hex32(value: str) -> bytes:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from cli_env import add_env_argument
+
     p = argparse.ArgumentParser(
         prog="asps_client.py",
         description="Attest this enclave to an ASPS server and receive its secrets. By default prints "
@@ -814,6 +822,8 @@ def write_secret_files(out_dir: str | os.PathLike[str], secrets: Mapping[str, by
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cli_env import env
+
     args = build_parser().parse_args(argv)
     names = [n for n in (args.names or []) if n != "all"]
     try:
