@@ -310,28 +310,21 @@ def _cert_validity(piece: str, certs: list[_Cert] | tuple[_Cert, ...]) -> tuple[
     return tuple(_Validity(piece, f"certificate {c.cn!r}", c.not_before, c.not_after) for c in certs)
 
 
-def _verify_chain(certs: list[_Cert], root: _Cert, check: str, phrases: tuple[str, ...]) -> list[_Cert]:
-    """Chain (leaf first) that ends in the trusted root: each certificate signed by the next.  Like
-    Intel QVL, the root must be inside the chain (STATUS_SGX_ROOT_CA_MISSING otherwise) and be the
-    trusted root itself (Intel compares the signature bytes; we compare the whole DER).  `phrases`:
-    required CN phrase per position below the root, as Intel QVL checks them.  Returns the chain
-    without the root."""
-    if not certs[-1].self_signed:
-        raise VerificationError(check, f"chain does not include its root CA (it ends in {certs[-1].cn!r})")
-    if certs[-1].der != root.der:
-        raise VerificationError(check, f"chain ends in {certs[-1].cn!r}, which is not the trusted root")
-    certs = certs[:-1]
-    if len(certs) != len(phrases):
-        raise VerificationError(check, f"expected {len(phrases)} certificate(s) below the root, "
-                                f"got {len(certs)}")
-    for cert, phrase in zip(certs, phrases, strict=True):
-        if phrase not in cert.cn:
-            raise VerificationError(check, f"certificate CN {cert.cn!r} does not contain {phrase!r}")
-    for i, cert in enumerate(certs):
-        issuer = certs[i + 1] if i + 1 < len(certs) else root
-        if not _signed_by(cert, issuer):
-            raise VerificationError(check, f"certificate {cert.cn!r} is not signed by {issuer.cn!r}")
-    return certs
+def _verify_chain(certs: list[_Cert], root: _Cert, check: str, phrases: tuple[str, ...], *,
+                  leaf_is_ca: bool = False) -> list[_Cert]:
+    """Path from the chain's certificates (any order, extras ignored) to the trusted root, built and
+    validated by x509_chain (RFC 5280 via pyca, plus Intel's rules: the root inside the chain and
+    byte-identical to the trusted root).  `phrases`: required CN phrase of the leaf, then of each CA
+    below the root, as Intel QVL checks them.  Returns the path without the root, leaf first."""
+    import x509_chain  # verification only: quote makers (the enclave side) never load it
+
+    spec = x509_chain.PathSpec(phrases[0], phrases[1:], leaf_is_ca)
+    try:
+        path = x509_chain.build_path([c.cert for c in certs], root.cert, spec, root.der)
+    except x509_chain.ChainError as exc:
+        raise VerificationError(check, str(exc)) from None
+    by_der = {c.der: c for c in certs}
+    return [by_der[p.public_bytes(serialization.Encoding.DER)] for p in path]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -590,6 +583,12 @@ def _check_crl(der: bytes, issuer: _Cert, piece: str) -> _VerifiedCrl:
         raise VerificationError(piece, f"CRL lacks required extension(s): {', '.join(missing)}")
     if parsed.issuer != issuer.cert.subject:
         raise VerificationError(piece, f"CRL issuer {parsed.issuer.rfc4514_string()!r} is not {issuer.cn!r}")
+    import x509_chain  # verification only, as in _verify_chain
+
+    try:
+        x509_chain.check_crl_signer(issuer.cert)
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise VerificationError(piece, str(exc)) from None
     try:
         ok = crl.is_signature_valid(issuer.public_key)  # type: ignore[arg-type]
     except _X509_ERRORS:
@@ -960,7 +959,7 @@ def _collateral_verified(c: Collateral, root: _Cert, caches: _Caches) -> _Verifi
     pck_ca = caches.chains.get(ckey)
     if pck_ca is None:
         certs = _pem_chain(c.pck_crl_issuer_chain, "pck_crl_issuer_chain", CollateralError)
-        (pck_ca,) = _verify_chain(certs, root, "pck_crl_chain", (_CN_INTERMEDIATE,))
+        (pck_ca,) = _verify_chain(certs, root, "pck_crl_chain", (_CN_INTERMEDIATE,), leaf_is_ca=True)
         caches.chains.put(ckey, pck_ca)
     pkey = ("pck_crl", c.pck_crl, pck_ca.der)
     pck_crl = caches.crls.get(pkey)
@@ -1075,6 +1074,12 @@ def _check_qe_identity(qe: QeIdentity, report: ReportBody) -> QeTcbLevel:
     attrs = bytes(a & m for a, m in zip(report.attributes, qe.attributes_mask, strict=True))
     if attrs != qe.attributes:
         raise VerificationError("qe_attributes", "QE ATTRIBUTES do not match the QE identity under its mask")
+    if report.debug:
+        # Intel's QVL refuses a debug QE only through the identity's attributesMask, which Intel's QE
+        # identities set over the DEBUG bit (EnclaveReportVerifier.cpp 4.1.2.9.6, just above: such a QE
+        # fails there as qe_attributes, as in Intel's QVL).  A debug QE's signature proves nothing (its
+        # memory is open to the host), so it is refused here too when the mask lets it through.
+        raise VerificationError("qe_debug", "the quoting enclave runs in debug mode (DEBUG attribute set)")
     if report.mr_signer != qe.mrsigner:
         raise VerificationError("qe_mrsigner", "QE MRSIGNER is not the one in the QE identity")
     if report.isv_prod_id != qe.isvprodid:
@@ -1112,6 +1117,10 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
         vc = _collateral_verified(collateral, root, caches)
         _check_validity(vc.validity, vc.window, now)
     _check_validity(pck.validity, pck.window, now)
+    # revocation: the root by its own CRL (Intel's root CA CRL is issued by the root: a root listed
+    # there has been withdrawn, and nothing under it stands)
+    if root.serial in vc.root_crl.revoked:
+        raise VerificationError("root_ca_revoked", f"trusted root {root.cn!r} is revoked by its own CRL")
     # revocation: PCK CA by the root CA CRL (the quote's and the PCK CRL issuer chain's: a revoked CA
     # condemns the platform, it does not make the collateral unusable), PCK certificate by the PCK CRL
     # of its own CA

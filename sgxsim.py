@@ -325,8 +325,12 @@ def _ski(key: ec.EllipticCurvePrivateKey) -> x509.SubjectKeyIdentifier:
 def _issue(*, subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
            issuer_key: ec.EllipticCurvePrivateKey, not_before: int, not_after: int, ca: bool,
            path_length: int | None, crl_url: str, serial: int | None = None,
-           extra: Iterable[x509.ExtensionType] = ()) -> x509.Certificate:
-    """One certificate with the extensions Intel's carry: AKI, CRL DP, SKI, KU (critical), BC (critical)."""
+           extra: Iterable[x509.ExtensionType] = (), basic_constraints: bool = True,
+           key_usage: x509.KeyUsage | None = None,
+           critical_extra: Iterable[x509.ExtensionType] = ()) -> x509.Certificate:
+    """One certificate with the extensions Intel's carry: AKI, CRL DP, SKI, KU (critical), BC (critical).
+    For tests of path validation: `basic_constraints=False` leaves BC out, `key_usage` replaces the
+    usual usage, `critical_extra` adds extensions marked critical."""
     builder = (x509.CertificateBuilder()
                .subject_name(subject).issuer_name(issuer).public_key(key.public_key())
                .serial_number(serial if serial is not None else x509.random_serial_number())
@@ -345,10 +349,13 @@ def _issue(*, subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.
         usage = x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=False,
                               data_encipherment=False, key_agreement=False, key_cert_sign=False,
                               crl_sign=False, encipher_only=False, decipher_only=False)
-    builder = builder.add_extension(usage, critical=True)
-    builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+    builder = builder.add_extension(key_usage or usage, critical=True)
+    if basic_constraints:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
     for ext in extra:
         builder = builder.add_extension(ext, critical=False)
+    for ext in critical_extra:
+        builder = builder.add_extension(ext, critical=True)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -512,6 +519,62 @@ class SimPlatform:
                       ca=False, path_length=None, crl_url=CRL_URL[ca], serial=serial,
                       extra=[x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXT_OID), extension)])
         return (_cert_pem(cert) + self._state["certs"][_CA_KEY[ca]] + self._state["certs"]["root"]).encode()
+
+    def reissue_pck_chain(self, tcb: str = "UpToDate", *, ca: str = "processor",
+                          leaf: dict[str, Any] | None = None, intermediate: dict[str, Any] | None = None,
+                          sub_ca: dict[str, Any] | None = None) -> list[bytes]:
+        """A PCK chain whose leaf and intermediate are re-issued (same names and keys, fresh serials)
+        with `_issue` keywords overridden, for tests of path validation: `{"ca": True}` for a leaf that
+        claims to be a CA, `{"basic_constraints": False}`, `{"key_usage": ...}`, `{"critical_extra":
+        [...]}`.  `sub_ca` (a dict, possibly empty) inserts a second CA with a fresh key between
+        intermediate and leaf, which exceeds the intermediate's pathLenConstraint 0.  Every signature is
+        genuine.  Returns the PEM certificates leaf first, root last (join them in any order)."""
+        level = _level(tcb)
+        ca = _ca(ca)
+        now = int(time.time())
+        ca_name, ca_key = _name(_CA_NAMES[ca]), self._keys[_CA_KEY[ca]]
+        inter = _issue(**{"subject": ca_name, "key": ca_key, "issuer": _name(ROOT_CN),
+                          "issuer_key": self._keys["root"], "not_before": now - DAY,
+                          "not_after": now + 365 * DAY, "ca": True, "path_length": 0,
+                          "crl_url": CRL_URL["root"], **(intermediate or {})})
+        pems = [_cert_pem(inter)]
+        issuer_name, issuer_key = ca_name, ca_key
+        if sub_ca is not None:
+            sub_key = _new_key()
+            sub_name = _name("SIMULATED Intel SGX PCK Sub CA")
+            sub = _issue(**{"subject": sub_name, "key": sub_key, "issuer": ca_name, "issuer_key": ca_key,
+                            "not_before": now - DAY, "not_after": now + 365 * DAY, "ca": True,
+                            "path_length": None, "crl_url": CRL_URL[ca], **sub_ca})
+            pems.insert(0, _cert_pem(sub))
+            issuer_name, issuer_key = sub_name, sub_key
+        ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXT_OID), self._sgx_ext(level, ca))
+        cert = _issue(**{"subject": _name(PCK_CN), "key": self._keys[f"pck_{level.name}"],
+                         "issuer": issuer_name, "issuer_key": issuer_key, "not_before": now - DAY,
+                         "not_after": now + 365 * DAY, "ca": False, "path_length": None,
+                         "crl_url": CRL_URL[ca], "extra": [ext], **(leaf or {})})
+        return [p.encode() for p in (_cert_pem(cert), *pems, self._state["certs"]["root"])]
+
+    def reissue_tcb_signing_chain(self, **overrides: Any) -> str:
+        """TCB signing certificate re-issued (same name and key, so Intel-style signatures by the sim
+        still verify) with `_issue` keywords overridden, followed by the root: an issuer chain for
+        tests of path validation."""
+        now = int(time.time())
+        cert = _issue(**{"subject": _name(TCB_SIGNING_CN), "key": self._keys["tcb_signing"],
+                         "issuer": _name(ROOT_CN), "issuer_key": self._keys["root"], "not_before": now - DAY,
+                         "not_after": now + 365 * DAY, "ca": False, "path_length": None,
+                         "crl_url": CRL_URL["root"], **overrides})
+        return _cert_pem(cert) + self._state["certs"]["root"]
+
+    def reissue_root(self, **overrides: Any) -> bytes:
+        """The root re-issued, self-signed (same name and key, so every certificate and CRL the sim
+        issued still verifies under it) with `_issue` keywords overridden, as PEM: a trust anchor for
+        tests of path validation."""
+        now = int(time.time())
+        cert = _issue(**{"subject": _name(ROOT_CN), "key": self._keys["root"], "issuer": _name(ROOT_CN),
+                         "issuer_key": self._keys["root"], "not_before": now - DAY,
+                         "not_after": now + 365 * DAY, "ca": True, "path_length": 1,
+                         "crl_url": CRL_URL["root"], **overrides})
+        return _cert_pem(cert).encode()
 
     def _sgx_ext(self, level: SimTcbLevel, ca: str, **overrides: Any) -> bytes:
         args: dict[str, Any] = {"ppid": self.ppid, "platform_instance_id": self.platform_instance_id,
