@@ -24,6 +24,7 @@ import pytest
 from cryptography import x509
 
 import dcap
+import dcap_quote
 import sgxsim
 import x509_chain
 
@@ -383,7 +384,7 @@ def test_out_of_order_real_chain_is_accepted(samples_dir):
     """fortanix dcap-ql's genuine quote lists leaf, root, intermediate (the issue's case).  Trusting the
     root it carries, it verifies; dcap-qvl accepts its chain too (and refuses only the debug enclave)."""
     quote, coll, now, root = _realworld(samples_dir, "fortanix-dcapql-00906ea1-debug-oldroot")
-    certs = _certs(split_pem(dcap.parse_quote(quote).signature.certification_data.data))
+    certs = _certs(split_pem(dcap_quote.parse_quote(quote).signature.certification_data.data))
     assert [c.subject.rfc4514_string().split("CN=")[1] for c in certs] == [
         "Intel SGX PCK Certificate", "Intel SGX Root CA", "Intel SGX PCK Processor CA"]
     v = dcap.verify(quote, coll, root_ca=root, now=now)
@@ -404,12 +405,12 @@ def test_chain_root_other_than_trusted_root_is_refused(samples_dir, name):
 
 
 def _reordered(quote: bytes, order: tuple[int, ...]) -> bytes:
-    q = dcap.parse_quote(quote)
+    q = dcap_quote.parse_quote(quote)
     pems = split_pem(q.signature.certification_data.data)
     data = pem_chain(pems, order) + b"\x00"
     cert_data = dcap.CertificationData(dcap.CERT_PCK_CHAIN, data)
     sig = dataclasses.replace(q.signature, certification_data=cert_data)
-    return dcap.Quote(q.header, q.report, sig).to_bytes()
+    return dcap_quote.Quote(q.header, q.report, sig).to_bytes()
 
 
 def test_real_chains_in_every_order(samples_dir):
@@ -441,8 +442,8 @@ def test_real_pck_chains_fit_pycas_profile(samples_dir):
     seen = 0
     for qp in [*sorted(samples_dir.glob("*/*/quote.bin")), samples_dir / "intel-sgx-v3" / "quote.bin"]:
         try:
-            quote = dcap.parse_quote(qp.read_bytes())
-        except dcap.QuoteError:
+            quote = dcap_quote.parse_quote(qp.read_bytes())
+        except dcap_quote.QuoteError:
             continue  # TDX and v5 quotes: not this module's
         if quote.signature.certification_data.type != dcap.CERT_PCK_CHAIN:
             continue
