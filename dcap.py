@@ -1026,8 +1026,8 @@ def _pck_verified(quote: Quote, root: _Cert, caches: _Caches) -> _VerifiedPck:
 
 def _qe_report_raw(quote: Quote) -> bytes:
     if quote.raw:
-        off = HEADER_LEN + REPORT_BODY_LEN + 4 + ECDSA_SIG_LEN + ECDSA_KEY_LEN
-        if quote.header.version == SGX_QUOTE_V4:
+        off = quote.signed_length + 4 + ECDSA_SIG_LEN + ECDSA_KEY_LEN
+        if quote.header.version >= SGX_QUOTE_V4:
             off += 6
         return quote.raw[off:off + REPORT_BODY_LEN]
     return quote.signature.qe_report.to_bytes()
