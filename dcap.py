@@ -54,7 +54,6 @@ from dcap_quote import (
     CERT_PCK_CHAIN,
     ECDSA_KEY_LEN,
     ECDSA_SIG_LEN,
-    HEADER_LEN,
     INTEL_QE_VENDOR_ID,
     REPORT_BODY_LEN,
     SGX_QUOTE_V4,

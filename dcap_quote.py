@@ -389,10 +389,12 @@ def _read_body(r: _Reader, header: QuoteHeader) -> ReportBody | TdReport:
     if header.version == QUOTE_V5:
         btype = r.u16("body.type")
         size = r.u32("body.size")
-        want = {BODY_SGX_ENCLAVE_REPORT: (TEE_SGX, REPORT_BODY_LEN), BODY_TD_REPORT10: (TEE_TDX, TD_REPORT10_LEN),
+        want = {BODY_SGX_ENCLAVE_REPORT: (TEE_SGX, REPORT_BODY_LEN),
+                BODY_TD_REPORT10: (TEE_TDX, TD_REPORT10_LEN),
                 BODY_TD_REPORT15: (TEE_TDX, TD_REPORT15_LEN)}.get(btype)
         if want is None:
-            raise QuoteError(f"body.type: unsupported body type {btype} (1 SGX, 2 TD report 1.0, 3 TD report 1.5)")
+            raise QuoteError(f"body.type: unsupported body type {btype} "
+                             "(1 SGX, 2 TD report 1.0, 3 TD report 1.5)")
         if want[0] != header.tee_type:
             raise QuoteError(f"body.type: body type {btype} does not go with TEE type {header.tee_type:#x}")
         if size != want[1]:

@@ -508,7 +508,7 @@ def test_dcap_py_rejects_nonzero_trailing_bytes_after_signature_data(intel_root)
     them as padding, and refuses anything else, so no unsigned bytes ride along."""
     case = load(SAMPLES / "intel-sgx-v3")
     assert qvl(case, case.quote + b"x", root=intel_root)[0] == "ok"
-    with pytest.raises(dcap_quote.QuoteError, match="signature_data.*not zero padding"):
+    with pytest.raises(dcap_quote.QuoteError, match=r"signature_data.*not zero padding"):
         dcap.verify(case.quote + b"x", case.collateral, root_ca=intel_root, now=case.expected["now"])
     padded = dcap.verify(case.quote + bytes(7), case.collateral, root_ca=intel_root, now=case.expected["now"])
     assert padded.quote.padding == 7 and padded.status == case.expected["status"]
