@@ -289,7 +289,7 @@ REJECT_REASON: dict[str, str] = {
     "tcb_info_reserialized": "tcb_info_signature",
     "tcb_info_fmspc_mismatch": "tcb_info_mismatch",
     "tcb_info_pce_id_mismatch": "tcb_info_mismatch",
-    "tcb_info_id_tdx": "tcb_info_mismatch",
+    "tcb_info_id_tdx": "CollateralError",   # an SGX TCB info relabelled TDX lacks tdxtcbcomponents
     "tcb_info_expired": "tcb_info_expired",
     "tcb_info_issued_in_future": "tcb_info_not_yet_valid",
     "tcb_info_not_json": "CollateralError",
