@@ -921,8 +921,10 @@ class SimPlatform:
         the header (version, key type, TEE type, vendor) meets the check it targets, not the ISV
         signature.  Works on bytes only: the edited quote need not be parseable."""
         signed_len = dcap_quote.HEADER_LEN + dcap_quote.REPORT_BODY_LEN
-        if len(raw) >= 54 and int.from_bytes(raw[0:2], "little") == dcap_quote.QUOTE_V5:
-            signed_len = 54 + int.from_bytes(raw[50:54], "little")
+        v5_size = int.from_bytes(raw[50:54], "little") if len(raw) >= 54 else 0
+        if int.from_bytes(raw[0:2], "little") == dcap_quote.QUOTE_V5 and v5_size in (
+                dcap_quote.REPORT_BODY_LEN, dcap_quote.TD_REPORT10_LEN, dcap_quote.TD_REPORT15_LEN):
+            signed_len = 54 + v5_size
         elif len(raw) >= 8 and int.from_bytes(raw[4:8], "little") == dcap_quote.TEE_TDX:
             signed_len = dcap_quote.HEADER_LEN + dcap_quote.TD_REPORT10_LEN
         sig_at = signed_len + 4
