@@ -103,6 +103,10 @@ TCB_STATUSES = (
 # A TD's combined status may also advise relaunching the TD (Intel QVL TDRelaunchCheck: the platform
 # was updated while the TD ran, and a relaunched TD would be up to date).
 TD_RELAUNCH_STATUSES = ("TDRelaunchAdvised", "TDRelaunchAdvisedConfigurationNeeded")
+# A CollateralSource is asked for a TD's collateral (TDX TCB info, TD QE identity) with the PCK CA
+# type prefixed by this ("tdx-processor", "tdx-platform"): the same (FMSPC, type) key, cache and
+# back-off as SGX collateral, without changing the Protocol.
+TDX_CA_PREFIX = "tdx-"
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers: time, DER, X.509 certificates
@@ -1221,7 +1225,8 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
     # collateral: root CA CRL, PCK CRL, TCB info, QE identity, each under the trusted root, and the
     # validity of every piece at `now`
     if collateral is None:
-        vc = _source_collateral_verified(source, pck.ext.fmspc, pck.ca, root, caches, now)
+        kind = TDX_CA_PREFIX + pck.ca if quote.header.tee_type == TEE_TDX else pck.ca
+        vc = _source_collateral_verified(source, pck.ext.fmspc, kind, root, caches, now)
     else:
         vc = _collateral_verified(collateral, root, caches)
         _check_validity(vc.validity, vc.window, now)
@@ -1480,6 +1485,7 @@ class CollateralSource(Protocol):
     handed out does not verify, and the source forgets that object (True) or keeps serving it (False)."""
 
     def get(self, fmspc: bytes, ca: str, now: int) -> Collateral: ...
+    # `ca` is "processor" or "platform", or for a TD's collateral TDX_CA_PREFIX + one of them.
 
 
 class Verifier:
@@ -1515,6 +1521,8 @@ class Verifier:
 
 def collateral_key_name(key: tuple[bytes, str]) -> str:
     """How messages name the collateral of one (FMSPC, PCK CA type)."""
+    if key[1].startswith(TDX_CA_PREFIX):
+        return f"TDX collateral for FMSPC {key[0].hex()}, {key[1][len(TDX_CA_PREFIX):]} CA"
     return f"collateral for FMSPC {key[0].hex()}, {key[1]} CA"
 
 
