@@ -281,3 +281,24 @@ def test_module_svn_bytes_are_not_tdx_components(plat, now):
     assert a == ("ok", "UpToDate", frozenset()) and agree(a, b), (a, b)
     a, b = both(plat, plat.make_td_quote(RD, module_major=0), coll, now)
     assert a == ("error", "tdx_tcb_level") and b[0] == "error", (a, b)
+
+
+def test_td_evidence_through_ratls_is_refused_by_an_enclave_policy(plat, tdx_coll):
+    """Until the TD identity reaches ratls/policy (issue 14), a TD's RA-TLS certificate verifies as
+    genuine evidence with an empty enclave identity, which no enclave policy matches: refused, not
+    mistaken for an enclave."""
+    import ratls
+
+    class TdProvider:
+        name = "sim-td"
+
+        def get_quote(self, report_data: bytes) -> bytes:
+            return plat.make_td_quote(bytes(report_data))
+
+    der, _key = ratls.make_certificate(TdProvider(), fmt="cczoo")
+    ident = ratls.verify_evidence(der, dcap.Verifier(tdx_coll, root_ca=plat.root_ca_der))
+    assert ident.mr_enclave == b"" and ident.mr_signer == b"" and ident.tcb_status == "UpToDate"
+    policy = ratls.ReferenceValues.from_dict({"mr_enclave": sgxsim.DEFAULT_MR_ENCLAVE.hex(),
+                                              "mr_signer": sgxsim.DEFAULT_MR_SIGNER.hex()})
+    decision = policy.appraise(ident)
+    assert not decision.accepted and "mr_enclave" in (decision.reason or "")
