@@ -1,5 +1,5 @@
-"""SGX DCAP quote verification against Intel collateral, in pure Python: is this quote genuine, and what
-is the platform's TCB status?
+"""SGX and TDX DCAP quote verification against Intel collateral, in pure Python: is this quote genuine,
+and what is the platform's TCB status?
 
 Who may import it: the tenant side (ratls, asps_server, pccs, native_qvl, command lines) and tests.
 Never the enclave side.  It verifies; the quote format is dcap_quote's, the collateral bundle
@@ -9,7 +9,8 @@ CollateralSource such as pccs's): this module imports no project module but thos
 It answers the way Intel's Quote Verification Library (QVL) does, step by step, each step a small
 named check that fails with its own reason.  Sections (in file order): errors and constants .
 DER / X.509 helpers . trusted root . PCK certificate (SGX extension) . CRLs . TCB info and QE
-identity . TCB status merge . verify (the steps, VerifiedQuote, Verifier and its caches).
+identity (SGX and TDX: tdxModule, tdxModuleIdentities) . TCB status merge . verify (the steps,
+VerifiedQuote, Verifier and its caches) . TDX (module identity, TCB level, relaunch, convergence).
 
 Library API: verify(quote, collateral, root_ca=, now=), Verifier(source, root_ca=).verify(quote,
 now=), CollateralSource, load_root_ca / is_intel_root, parse_tcb_info, parse_qe_identity,
