@@ -148,9 +148,35 @@ def test_realworld2_case_agrees_with_dcap_qvl(case):
 def test_realworld2_every_case_is_judged():
     judged = {p.name for p in NOCOLL_TDX} | {p.name for p in WITH_COLL}
     rest = {p.name for p in RW2_CASES} - judged
-    # the enarx CSRs (kind "ratls") and fortanix's raw-TCB quote (sgx-nocoll) are SGX evidence of others'
-    assert all(kind(RW2 / n) in ("ratls", "sgx-nocoll") for n in rest), rest
+    # the enarx CSRs (kind "ratls") and fortanix's raw-TCB quote (sgx-nocoll): judged just below
+    assert sorted(kind(RW2 / n) for n in rest) == ["ratls", "ratls", "sgx-nocoll"], rest
     assert sum(kind(p).startswith("tdx") for p in RW2_CASES) == 11
+
+
+def test_realworld2_fortanix_raw_tcb_quote_has_no_pck_chain():
+    """source.md: its certification data is not a PCK chain (type 5), so it cannot be verified
+    offline; it parses (v3 SGX, certification data type 3: encrypted PPID) and verification refuses it
+    by name whatever the collateral."""
+    case = RW2 / "fortanix-dcapql-rawtcb-nochain"
+    raw = (case / "quote.bin").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() in (case / "source.md").read_text()
+    q = dcap_quote.parse_quote(raw)
+    assert (q.version, q.header.tee_type, q.signature.certification_data.type) == (3, 0, 3)
+    other = RW2 / "fortanix-dcapql-00906ea1-debug"
+    with pytest.raises(dcap.VerificationError) as info:
+        dcap.verify(raw, Collateral.from_json((other / "collateral.json").read_text()), now=1668709197)
+    assert info.value.check == "certification_data"
+
+
+@pytest.mark.parametrize("cpu", ["i5-00706e47", "xeon-00606a"])
+def test_realworld2_enarx_csrs_carry_the_quotes_judged_beside_them(cpu):
+    """The enarx CSRs are not RA-TLS certificates (PKCS#10); their SGX quote is the enarx-icelake case's
+    quote.bin (judged against dcap-qvl above), byte for byte inside the CSR."""
+    csr = RW2 / f"enarx-csr-icelake-{cpu}-2023"
+    der = (csr / "cert.der").read_bytes()
+    assert hashlib.sha256(der).hexdigest() in (csr / "source.md").read_text()
+    quote = (RW2 / f"enarx-icelake-{cpu}-2023" / "quote.bin").read_bytes()
+    assert quote in der and not dcap_quote.parse_quote(quote).is_td
 
 
 def test_spr_e4_trailing_text_is_refused_and_the_quote_has_no_tcb_level():
