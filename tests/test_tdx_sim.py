@@ -288,6 +288,7 @@ def test_td_evidence_through_ratls_is_refused_by_an_enclave_policy(plat, tdx_col
     genuine evidence with an empty enclave identity, which no enclave policy matches: refused, not
     mistaken for an enclave."""
     import ratls
+    import ratls_attest
 
     class TdProvider:
         name = "sim-td"
@@ -295,7 +296,7 @@ def test_td_evidence_through_ratls_is_refused_by_an_enclave_policy(plat, tdx_col
         def get_quote(self, report_data: bytes) -> bytes:
             return plat.make_td_quote(bytes(report_data))
 
-    der, _key = ratls.make_certificate(TdProvider(), fmt="cczoo")
+    der, _key = ratls_attest.make_certificate(TdProvider(), fmt="cczoo")
     ident = ratls.verify_evidence(der, dcap.Verifier(tdx_coll, root_ca=plat.root_ca_der))
     assert ident.mr_enclave == b"" and ident.mr_signer == b"" and ident.tcb_status == "UpToDate"
     policy = ratls.ReferenceValues.from_dict({"mr_enclave": sgxsim.DEFAULT_MR_ENCLAVE.hex(),
