@@ -163,8 +163,43 @@ class Identity:
     evidence_format: str
     report_data: bytes = b""
     fmspc: bytes = b""
+    # "sgx" or "tdx".  A TD has no mr_enclave/mr_signer (empty) and no isv_* (0); its identity is
+    # the TD report's measurements below (all empty for an enclave), and debug is TUD.DEBUG.
+    tee: str = "sgx"
+    mr_td: bytes = b""
+    mr_config_id: bytes = b""
+    mr_owner: bytes = b""
+    mr_owner_config: bytes = b""
+    rtmrs: tuple[bytes, ...] = ()
+    xfam: bytes = b""
+    td_attributes: bytes = b""
+    tee_tcb_svn: bytes = b""
+    mr_seam: bytes = b""
+    tdx_module_status: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        if self.tee == "tdx":
+            return {
+                "tee": self.tee,
+                "mr_td": self.mr_td.hex(),
+                "mr_config_id": self.mr_config_id.hex(),
+                "mr_owner": self.mr_owner.hex(),
+                "mr_owner_config": self.mr_owner_config.hex(),
+                **{f"rtmr{i}": r.hex() for i, r in enumerate(self.rtmrs)},
+                "xfam": self.xfam.hex(),
+                "td_attributes": self.td_attributes.hex(),
+                "tee_tcb_svn": self.tee_tcb_svn.hex(),
+                "mr_seam": self.mr_seam.hex(),
+                "debug": self.debug,
+                "tcb_status": self.tcb_status,
+                "tdx_module_status": self.tdx_module_status,
+                "advisory_ids": list(self.advisory_ids),
+                "collateral_expiry": self.collateral_expiry,
+                "not_before": self.not_before,
+                "not_after": self.not_after,
+                "evidence_format": self.evidence_format,
+                "public_key_sha256": pubkey_hash(self.public_key).hex(),
+            }
         return {
             "mr_enclave": self.mr_enclave.hex(),
             "mr_signer": self.mr_signer.hex(),
@@ -423,7 +458,28 @@ def verify_evidence(cert: bytes | str, verifier: QuoteVerifier, *, now: int | No
         evidence_format=fmt,
         report_data=bytes(main.report_data),
         fmspc=bytes(getattr(main, "fmspc", b"")),
+        **_td_fields(main),
     )
+
+
+def _td_fields(verified: dcap.VerifiedQuote) -> dict[str, Any]:
+    """The Identity fields of a TD (tee "tdx" and its TD report); nothing for an enclave."""
+    td = getattr(verified, "td_report", None)
+    if td is None:
+        return {}
+    return {
+        "tee": "tdx",
+        "mr_td": bytes(td.mr_td),
+        "mr_config_id": bytes(td.mr_config_id),
+        "mr_owner": bytes(td.mr_owner),
+        "mr_owner_config": bytes(td.mr_owner_config),
+        "rtmrs": tuple(bytes(r) for r in td.rtmrs),
+        "xfam": bytes(td.xfam),
+        "td_attributes": bytes(td.td_attributes),
+        "tee_tcb_svn": bytes(td.tee_tcb_svn),
+        "mr_seam": bytes(td.mr_seam),
+        "tdx_module_status": str(getattr(verified, "tdx_module_status", "")),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1028,7 +1028,18 @@ class SimProvider:
 
     def __init__(self, sim_dir: str | Path, mr_enclave: bytes = DEFAULT_MR_ENCLAVE,
                  mr_signer: bytes = DEFAULT_MR_SIGNER, isv_prod_id: int = 0, isv_svn: int = 0,
-                 debug: bool = False, tcb: str = "UpToDate") -> None:
+                 debug: bool = False, tcb: str = "UpToDate", tee: str = "sgx", mr_td: bytes = DEFAULT_MR_TD,
+                 rtmrs: tuple[bytes, ...] | None = None, relaunch: bool = False) -> None:
+        """`tee="tdx"` makes TD quotes (mr_td, rtmrs, debug, tcb); `relaunch` one whose TDX TCB is
+        out of date while a relaunch would bring it up to date (TDRelaunchAdvised...)."""
+        if tee not in ("sgx", "tdx"):
+            raise ValueError(f"tee must be 'sgx' or 'tdx', not {tee!r}")
+        if rtmrs is not None and (len(rtmrs) != 4 or any(len(r) != 48 for r in rtmrs)):
+            raise ValueError("rtmrs must be four 48-byte values")
+        self.tee, self.mr_td, self.relaunch = tee, bytes(mr_td), relaunch
+        self.rtmrs = tuple(rtmrs) if rtmrs is not None else (bytes(48),) * 4
+        if tee == "tdx":
+            self.name = "sim-td"
         self.platform = SimPlatform.init(sim_dir)
         self.mr_enclave = mr_enclave
         self.mr_signer = mr_signer
@@ -1041,8 +1052,19 @@ class SimProvider:
         if not isinstance(report_data, bytes | bytearray) or len(report_data) != 64:
             raise dcap_quote.ProviderError("report_data must be exactly 64 bytes")
         try:
+            if self.tee == "tdx":
+                return self._td_quote(bytes(report_data))
             return self.platform.make_quote(bytes(report_data), mr_enclave=self.mr_enclave,
                                             mr_signer=self.mr_signer, isv_prod_id=self.isv_prod_id,
                                             isv_svn=self.isv_svn, debug=self.debug, tcb=self.tcb)
         except (ValueError, dcap_quote.QuoteError) as exc:
             raise dcap_quote.ProviderError(f"sim quote generation failed: {exc}") from None
+
+    def _td_quote(self, report_data: bytes) -> bytes:
+        if not self.relaunch:
+            return self.platform.make_td_quote(report_data, tcb=self.tcb, mr_td=self.mr_td, rtmrs=self.rtmrs,
+                                               debug=self.debug)
+        latest = bytes((TDX_MODULE_SVN_UP_TO_DATE, TDX_MODULE_MAJOR, _tdx_gen(TCB_LEVELS[0]))) + bytes(13)
+        return self.platform.make_td_quote(report_data, version=5, td15=True, tcb=self.tcb,
+                                           td_tcb="OutOfDate", module_svn=4, tee_tcb_svn_2=latest,
+                                           mr_td=self.mr_td, rtmrs=self.rtmrs, debug=self.debug)
