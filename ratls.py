@@ -1,8 +1,9 @@
-"""RA-TLS reading: certificates carrying SGX DCAP quotes, their verification, and appraisal.
+"""RA-TLS reading: certificates carrying SGX or TDX DCAP quotes, and their verification to an Identity.
 
-Who may import it: the tenant side (asps_server, policy) and command lines; never the enclave side,
-which makes certificates with ratls_attest and needs none of this.  It verifies through any
-QuoteVerifier (dcap.Verifier is one) and knows certificates, not collateral.
+Who may import it: the tenant side (asps_server) and command lines; never the enclave side,
+which makes certificates with ratls_attest and needs none of this.  Appraisal (is this the app's
+enclave or TD?) is policy's: only the `verify` command imports policy, inside its functions.
+It verifies through any QuoteVerifier (dcap.Verifier is one) and knows certificates, not collateral.
 
 Three certificate shapes are read (the first two are made by ratls_attest):
 
@@ -19,8 +20,12 @@ Three certificate shapes are read (the first two are made by ratls_attest):
 * DICE only (e.g. rats-rs): the second extension above on its own.
 
 Verification establishes genuineness only (the quote is valid, and it binds this certificate's own
-key); whether the enclave is wanted, and whether the certificate is within its dates, is appraisal
-against ``ReferenceValues``.
+key); whether the enclave or TD is wanted, and whether the certificate is within its dates, is
+appraisal against policy's ``ReferenceValues`` / ``TdReferenceValues``.
+
+A TD's quote travels in any of these shapes (TCG DICE tagged evidence, ``dice``, is what a TD's
+client makes: CBOR tag 60000 is the CCC interoperable RA-TLS "Intel TEE quote", SGX and TDX alike);
+its Identity has tee "tdx" and the TD report's fields.
 """
 
 from __future__ import annotations
@@ -31,11 +36,9 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import cbor2
@@ -69,9 +72,6 @@ from ratls_attest import (
 # Constants (the certificate formats' are ratls_attest's)
 
 TCB_UP_TO_DATE = "UpToDate"
-TCB_REVOKED = "Revoked"
-# Statuses a policy may opt in to. Revoked is deliberately absent: it can never be allowed.
-ALLOWABLE_TCB_STATUSES = tuple(s for s in dcap.TCB_STATUSES if s != TCB_REVOKED)
 
 
 class EvidenceError(Exception):
@@ -80,10 +80,6 @@ class EvidenceError(Exception):
     def __init__(self, step: str, message: str) -> None:
         super().__init__(f"{step}: {message}")
         self.step = step
-
-
-class ReferenceValuesError(ValueError):
-    """Reference values that cannot be used (raised at load time, naming the field)."""
 
 
 class QuoteVerifier(Protocol):
@@ -407,7 +403,7 @@ def _timestamp(d: _dt.datetime) -> int:
 def verify_evidence(cert: bytes | str, verifier: QuoteVerifier, *, now: int | None = None) -> Identity:
     """Check that the certificate carries a genuine quote binding its own key; return the identity.
 
-    The certificate's validity dates are not checked here (see ``ReferenceValues.appraise``).
+    The certificate's validity dates are not checked here (see policy's ``ReferenceValues.appraise``).
     Every failure raises EvidenceError naming its step.
     """
     der, parsed = _load_certificate(cert)
@@ -483,248 +479,6 @@ def _td_fields(verified: dcap.VerifiedQuote) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Appraisal
-
-
-@dataclass(frozen=True)
-class Decision:
-    accepted: bool
-    reason: str | None = None
-
-
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-REFERENCE_VALUE_KEYS = (
-    "mr_enclave",
-    "mr_signer",
-    "isv_prod_id",
-    "min_isv_svn",
-    "allow_debug",
-    "allowed_tcb_statuses",
-    "refused_advisories",
-    "accepted_advisories",
-)
-
-
-def _field(where: str, name: str) -> str:
-    return f"{where}: {name}" if where else name
-
-
-def _parse_measurement(value: object, name: str) -> bytes:
-    """Exactly 64 hex characters (either case): anything else is a policy error, never a partial match."""
-    if isinstance(value, bytes | bytearray):
-        if len(value) != 32:
-            raise ReferenceValuesError(f"{name}: must be 32 bytes, got {len(value)}")
-        return bytes(value)
-    if not isinstance(value, str):
-        raise ReferenceValuesError(f"{name}: must be a hex string, got {type(value).__name__}")
-    if value == "":
-        raise ReferenceValuesError(f"{name}: is empty (64 hex characters required)")
-    if re.fullmatch(r"[0-9a-fA-F]*", value) is None:
-        raise ReferenceValuesError(f"{name}: contains non-hex characters")
-    if len(value) % 2:
-        raise ReferenceValuesError(f"{name}: odd-length hex ({len(value)} characters, 64 required)")
-    if not _HEX64.fullmatch(value):
-        raise ReferenceValuesError(f"{name}: must be 64 hex characters (32 bytes), got {len(value)}")
-    return bytes.fromhex(value)
-
-
-def _parse_u16(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ReferenceValuesError(f"{name}: must be an integer, got {type(value).__name__}")
-    if not 0 <= value <= 0xFFFF:
-        raise ReferenceValuesError(f"{name}: must be 0..65535, got {value}")
-    return value
-
-
-def _parse_strings(value: object, name: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
-        raise ReferenceValuesError(f"{name}: must be a list of strings, got {type(value).__name__}")
-    out = []
-    for i, v in enumerate(value):
-        if not isinstance(v, str) or not v.strip() or v != v.strip():
-            raise ReferenceValuesError(f"{name}[{i}]: must be a non-empty string without surrounding spaces")
-        out.append(v)
-    return tuple(out)
-
-
-def _parse_tcb_statuses(value: object, name: str) -> frozenset[str]:
-    statuses = _parse_strings(value, name)
-    if not statuses:
-        raise ReferenceValuesError(f"{name}: empty (omit it to allow only UpToDate)")
-    for s in statuses:
-        if s == TCB_REVOKED:
-            raise ReferenceValuesError(f"{name}: Revoked can never be allowed")
-        if s not in ALLOWABLE_TCB_STATUSES:
-            raise ReferenceValuesError(
-                f"{name}: unknown TCB status {s!r} (allowed: {', '.join(ALLOWABLE_TCB_STATUSES)})"
-            )
-    return frozenset(statuses)
-
-
-@dataclass(frozen=True)
-class ReferenceValues:
-    """What one app's enclave must be. Constructed values are validated just like loaded ones.
-
-    ``mr_enclave``/``mr_signer``: the exact 32-byte values (None: not checked; at least one is set).
-    Revoked can never be allowed: asking for it is a load error, and appraise refuses it regardless.
-    ``refused_advisories`` refuses listed advisory IDs; ``accepted_advisories`` refuses any ID not
-    listed. Neither given: advisories never refuse (Intel reports them even for UpToDate platforms).
-    """
-
-    mr_enclave: bytes | None = None
-    mr_signer: bytes | None = None
-    isv_prod_id: int | None = None
-    min_isv_svn: int | None = None
-    allow_debug: bool = False
-    allowed_tcb_statuses: frozenset[str] = field(default_factory=lambda: frozenset({TCB_UP_TO_DATE}))
-    refused_advisories: frozenset[str] | None = None
-    accepted_advisories: frozenset[str] | None = None
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        for name in ("mr_enclave", "mr_signer"):
-            if getattr(self, name) is not None:
-                set_(self, name, _parse_measurement(getattr(self, name), name))
-        if self.mr_enclave is None and self.mr_signer is None:
-            raise ReferenceValuesError("mr_enclave/mr_signer: at least one is required")
-        for name in ("isv_prod_id", "min_isv_svn"):
-            if getattr(self, name) is not None:
-                _parse_u16(getattr(self, name), name)
-        if not isinstance(self.allow_debug, bool):
-            raise ReferenceValuesError("allow_debug: must be true or false")
-        statuses = _parse_tcb_statuses(self.allowed_tcb_statuses, "allowed_tcb_statuses")
-        set_(self, "allowed_tcb_statuses", statuses)
-        if self.refused_advisories is not None and self.accepted_advisories is not None:
-            raise ReferenceValuesError("refused_advisories/accepted_advisories: give one of them, not both")
-        for name in ("refused_advisories", "accepted_advisories"):
-            value = getattr(self, name)
-            if value is not None:
-                set_(self, name, frozenset(a.upper() for a in _parse_strings(value, name)))
-
-    @classmethod
-    def from_dict(cls, d: object, *, where: str = "") -> ReferenceValues:
-        """Strict loader: unknown keys, wrong types and malformed hex are errors naming the field."""
-        if not isinstance(d, dict):
-            raise ReferenceValuesError(f"{where or 'reference values'}: must be an object")
-        unknown = sorted(set(d) - set(REFERENCE_VALUE_KEYS), key=str)
-        if unknown:
-            raise ReferenceValuesError(f"{_field(where, str(unknown[0]))}: unknown key")
-        kw: dict[str, Any] = {}
-        for name in ("mr_enclave", "mr_signer"):
-            if name in d:
-                kw[name] = _parse_measurement(d[name], _field(where, name))
-        for name in ("isv_prod_id", "min_isv_svn"):
-            if name in d:
-                kw[name] = _parse_u16(d[name], _field(where, name))
-        if "allow_debug" in d:
-            if not isinstance(d["allow_debug"], bool):
-                raise ReferenceValuesError(f"{_field(where, 'allow_debug')}: must be true or false")
-            kw["allow_debug"] = d["allow_debug"]
-        if "allowed_tcb_statuses" in d:
-            kw["allowed_tcb_statuses"] = _parse_tcb_statuses(
-                d["allowed_tcb_statuses"], _field(where, "allowed_tcb_statuses")
-            )
-        for name in ("refused_advisories", "accepted_advisories"):
-            if name in d:
-                kw[name] = frozenset(_parse_strings(d[name], _field(where, name)))
-        try:
-            return cls(**kw)
-        except ReferenceValuesError as e:
-            raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.mr_enclave is not None:
-            out["mr_enclave"] = self.mr_enclave.hex()
-        if self.mr_signer is not None:
-            out["mr_signer"] = self.mr_signer.hex()
-        if self.isv_prod_id is not None:
-            out["isv_prod_id"] = self.isv_prod_id
-        if self.min_isv_svn is not None:
-            out["min_isv_svn"] = self.min_isv_svn
-        out["allow_debug"] = self.allow_debug
-        out["allowed_tcb_statuses"] = sorted(self.allowed_tcb_statuses)
-        if self.refused_advisories is not None:
-            out["refused_advisories"] = sorted(self.refused_advisories)
-        if self.accepted_advisories is not None:
-            out["accepted_advisories"] = sorted(self.accepted_advisories)
-        return out
-
-    # -- checks, each returning a refusal reason or None --------------------------------------
-
-    def _measurement_refusal(self, identity: Identity) -> str | None:
-        if self.mr_enclave is not None and identity.mr_enclave != self.mr_enclave:
-            return f"mr_enclave {identity.mr_enclave.hex()} not in policy"
-        if self.mr_signer is not None and identity.mr_signer != self.mr_signer:
-            return f"mr_signer {identity.mr_signer.hex()} not in policy"
-        if self.isv_prod_id is not None and identity.isv_prod_id != self.isv_prod_id:
-            return f"isv_prod_id {identity.isv_prod_id} is not the policy's {self.isv_prod_id}"
-        return None
-
-    def _svn_refusal(self, identity: Identity) -> str | None:
-        if self.min_isv_svn is not None and identity.isv_svn < self.min_isv_svn:
-            return f"isv_svn {identity.isv_svn} below the policy's minimum {self.min_isv_svn}"
-        return None
-
-    def _debug_refusal(self, identity: Identity) -> str | None:
-        if identity.debug and not self.allow_debug:
-            return "debug enclave refused"
-        return None
-
-    def _tcb_refusal(self, identity: Identity) -> str | None:
-        if identity.tcb_status == TCB_REVOKED:
-            return "TCB status Revoked is never allowed"
-        if identity.tcb_status not in self.allowed_tcb_statuses:
-            return f"TCB status {identity.tcb_status} not allowed"
-        return None
-
-    def _advisory_refusal(self, identity: Identity) -> str | None:
-        ids = [a.upper() for a in identity.advisory_ids]
-        if self.refused_advisories is not None:
-            bad = sorted(a for a in ids if a in self.refused_advisories)
-            if bad:
-                return f"advisory {', '.join(bad)} refused by policy"
-        if self.accepted_advisories is not None:
-            bad = sorted(a for a in ids if a not in self.accepted_advisories)
-            if bad:
-                return f"advisory {', '.join(bad)} not in the policy's accepted advisories"
-        return None
-
-    def matches_identity(self, identity: Identity) -> bool:
-        """Measurement match only (mr_enclave, mr_signer, isv_prod_id): used to pick the app."""
-        return self._measurement_refusal(identity) is None
-
-    def appraise(self, identity: Identity, *, now: int | None = None, app: str = "") -> Decision:
-        """Accept only when every check passes; the first refusal is the reason."""
-        t = int(time.time()) if now is None else int(now)
-        checks: list[Callable[[Identity], str | None]] = [
-            lambda i: _validity_refusal(i, t),
-            self._measurement_refusal,
-            self._svn_refusal,
-            self._debug_refusal,
-            self._tcb_refusal,
-            self._advisory_refusal,
-        ]
-        for check in checks:
-            reason = check(identity)
-            if reason is not None:
-                return Decision(False, f"{reason} for app {app}" if app else reason)
-        return Decision(True, None)
-
-
-def _validity_refusal(identity: Identity, now: int) -> str | None:
-    if now < identity.not_before:
-        return f"certificate not yet valid (notBefore {_iso(identity.not_before)})"
-    if now > identity.not_after:
-        return f"certificate expired (notAfter {_iso(identity.not_after)})"
-    return None
-
-
-def _iso(t: int) -> str:
-    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -738,9 +492,11 @@ def _write_private(path: str, data: bytes) -> None:
 
 
 def _hex32(value: str) -> bytes:
+    import policy  # appraisal's parser: the command line's only, loaded when it runs
+
     try:
-        return _parse_measurement(value, "value")
-    except ReferenceValuesError as e:
+        return policy.parse_hex(value, "value")
+    except policy.ReferenceValuesError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("value: ")) from None
 
 
@@ -794,7 +550,9 @@ def _cmd_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reference_values_from_args(args: argparse.Namespace) -> ReferenceValues | None:
+def _reference_values_from_args(args: argparse.Namespace) -> Any:
+    import policy  # policy decides; ratls only reads certificates (see the module docstring)
+
     if args.mr_enclave is None and args.mr_signer is None:
         return None
     d: dict[str, Any] = {"allow_debug": args.allow_debug}
@@ -812,13 +570,16 @@ def _reference_values_from_args(args: argparse.Namespace) -> ReferenceValues | N
         d["refused_advisories"] = args.refuse_advisory
     if args.accept_advisory:
         d["accepted_advisories"] = args.accept_advisory
-    return ReferenceValues.from_dict(d)
+    return policy.ReferenceValues.from_dict(d)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    import policy as policy_mod  # appraisal: loaded by the command line only
+
+    Decision = policy_mod.Decision
     try:
         policy = _reference_values_from_args(args)
-    except ReferenceValuesError as e:
+    except policy_mod.ReferenceValuesError as e:
         print(f"error: reference values: {e}", file=sys.stderr)
         return 2
     try:

@@ -283,10 +283,10 @@ def test_module_svn_bytes_are_not_tdx_components(plat, now):
     assert a == ("error", "tdx_tcb_level") and b[0] == "error", (a, b)
 
 
-def test_td_evidence_through_ratls_is_refused_by_an_enclave_policy(plat, tdx_coll):
-    """Until the TD identity reaches ratls/policy (issue 14), a TD's RA-TLS certificate verifies as
-    genuine evidence with an empty enclave identity, which no enclave policy matches: refused, not
-    mistaken for an enclave."""
+def test_td_evidence_through_ratls_is_a_td_identity_no_enclave_policy_matches(plat, tdx_coll):
+    """A TD's RA-TLS certificate verifies to a TD identity (tee "tdx", mr_td), which an enclave's
+    reference values refuse as a TD, before comparing any measurement."""
+    import policy
     import ratls
     import ratls_attest
 
@@ -298,8 +298,9 @@ def test_td_evidence_through_ratls_is_refused_by_an_enclave_policy(plat, tdx_col
 
     der, _key = ratls_attest.make_certificate(TdProvider(), fmt="cczoo")
     ident = ratls.verify_evidence(der, dcap.Verifier(tdx_coll, root_ca=plat.root_ca_der))
-    assert ident.mr_enclave == b"" and ident.mr_signer == b"" and ident.tcb_status == "UpToDate"
-    policy = ratls.ReferenceValues.from_dict({"mr_enclave": sgxsim.DEFAULT_MR_ENCLAVE.hex(),
-                                              "mr_signer": sgxsim.DEFAULT_MR_SIGNER.hex()})
-    decision = policy.appraise(ident)
-    assert not decision.accepted and "mr_enclave" in (decision.reason or "")
+    assert ident.tee == "tdx" and ident.mr_td == sgxsim.DEFAULT_MR_TD and ident.tcb_status == "UpToDate"
+    assert ident.mr_enclave == b"" and ident.mr_signer == b""
+    enclave_app = policy.ReferenceValues.from_dict({"mr_enclave": sgxsim.DEFAULT_MR_ENCLAVE.hex(),
+                                                    "mr_signer": sgxsim.DEFAULT_MR_SIGNER.hex()})
+    decision = enclave_app.appraise(ident)
+    assert decision == policy.Decision(False, "a TD cannot be an SGX app")
