@@ -1,4 +1,5 @@
-"""`./run.sh demo`, `./run.sh demo vault` and `./run.sh demo tdx` in a fresh copy of the working tree print the secret.
+"""`./run.sh demo`, `./run.sh demo vault` and `./run.sh demo tdx` in a fresh copy of the tree print the
+secret.
 
 The copy holds the tracked and untracked-but-not-ignored files (what a clone of the next commit
 holds); its .venv is a link to this one so that nothing is downloaded.
