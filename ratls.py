@@ -17,7 +17,11 @@ Three certificate shapes are read (the first two are made by ratls_attest):
   - TCG DICE tagged evidence 2.23.133.5.4.9: CBOR tag 60000 around [quote bstr, claims bstr], the
     claims being a CBOR map {"pubkey-hash": bstr(CBOR [hash-alg-id, hash(SPKI)])}; that quote has
     report_data[0:32] = SHA256(claims bytes).
-* DICE only (e.g. rats-rs): the second extension above on its own.
+* DICE only (e.g. rats-rs, and ``dice`` made by ratls_attest): the second extension above on its own.
+* ``dstack`` (read only): dstack's TDX RA-TLS certificate, signed by the app's CA rather than by
+  itself. Extension 1.3.6.1.4.1.62397.1.1 holds a DER OCTET STRING wrapping the quote;
+  report_data = SHA512("ratls-cert:" || SPKI DER), all 64 bytes (Dstack-TEE/dstack ra-tls/src/
+  oids.rs, cert.rs, attestation.rs).  The event log (…62397.1.2) is not needed: RTMRs are pinned.
 
 Verification establishes genuineness only (the quote is valid, and it binds this certificate's own
 key); whether the enclave or TD is wanted, and whether the certificate is within its dates, is
@@ -217,12 +221,19 @@ class Identity:
 class _Evidence:
     """One quote found in the certificate, and how it is meant to bind the key."""
 
-    source: str  # "cczoo" | "gramine-legacy" | "dice"
+    source: str  # "cczoo" | "gramine-legacy" | "dice" | "dstack"
     quote: bytes
     claims: bytes | None = None  # serialized claims map (DICE only)
 
 
+# dstack (github.com/Dstack-TEE/dstack, ra-tls/src/oids.rs PHALA_RATLS_QUOTE): the extension's value is
+# a DER OCTET STRING wrapping the raw quote (cert.rs), and report_data = SHA512("ratls-cert:" || SPKI DER)
+# (attestation.rs QuoteContentType::RaTlsCert).  Read only: ASPS never makes this shape.
+OID_DSTACK_QUOTE = "1.3.6.1.4.1.62397.1.1"
+DSTACK_REPORT_DATA_TAG = b"ratls-cert:"
+
 _QUOTE_OIDS = {
+    OID_DSTACK_QUOTE: "dstack",
     OID_CCZOO_QUOTE: "cczoo",
     OID_GRAMINE_QUOTE: "gramine-legacy",
     OID_GRAMINE_QUOTE_MISENCODED: "gramine-legacy",
@@ -291,7 +302,8 @@ def _find_evidence(cert: x509.Certificate) -> list[tuple[str, bytes]]:
         raise EvidenceError(
             "evidence_extension",
             "no RA-TLS evidence extension (expected OID "
-            f"{OID_CCZOO_QUOTE}, {OID_GRAMINE_QUOTE} or {OID_TCG_DICE_TAGGED_EVIDENCE})",
+            f"{OID_CCZOO_QUOTE}, {OID_GRAMINE_QUOTE}, {OID_TCG_DICE_TAGGED_EVIDENCE} or "
+            f"{OID_DSTACK_QUOTE})",
         )
     oids = [oid for oid, _ in found]
     dup = sorted({oid for oid in oids if oids.count(oid) > 1})
@@ -334,6 +346,32 @@ def _parse_dice(value: bytes) -> _Evidence:
     return _Evidence("dice", quote, claims)
 
 
+def _parse_dstack(value: bytes) -> _Evidence:
+    """dstack's quote extension: exactly one DER OCTET STRING holding the quote."""
+    try:
+        tag, start, end = dcap.der_tlv(value, 0, len(value))
+    except ValueError as e:
+        raise EvidenceError("dstack_evidence", f"quote extension is not DER: {e}") from e
+    if tag != 0x04 or end != len(value) or end == start:
+        raise EvidenceError("dstack_evidence", "quote extension is not one non-empty OCTET STRING")
+    return _Evidence("dstack", value[start:end])
+
+
+def dstack_report_data(spki: bytes) -> bytes:
+    """What a dstack RA-TLS quote's report_data must be for a certificate key: all 64 bytes."""
+    return hashlib.sha512(DSTACK_REPORT_DATA_TAG + spki).digest()
+
+
+def _issued_by_another(cert: x509.Certificate) -> bool:
+    """A dstack RA-TLS certificate is signed by its app's CA, not by itself: its key is bound by the
+    quote (report_data), so only such a certificate is read without a self-signature."""
+    try:
+        oids = {e.oid for e in raw_extensions(cert.tbs_certificate_bytes)}
+    except ValueError:
+        return False
+    return OID_DSTACK_QUOTE in oids and cert.issuer != cert.subject
+
+
 def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
     """The claims map's pubkey-hash is the hash of this certificate's SPKI."""
     claim_map = _decode_cbor(claims, "claims")
@@ -364,6 +402,11 @@ def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
 def _check_binding(ev: _Evidence, quote: dcap_quote.Quote, spki: bytes) -> None:
     """report_data[0:32] commits to this certificate's key (directly, or via the DICE claims)."""
     rd = quote.report.report_data
+    if ev.source == "dstack":
+        if rd != dstack_report_data(spki):
+            why = 'dstack quote\'s report_data is not SHA512("ratls-cert:" || this certificate\'s key)'
+            raise EvidenceError("binding", why)
+        return
     if ev.claims is None:
         if rd[:32] != hashlib.sha256(spki).digest():
             raise EvidenceError(
@@ -409,12 +452,18 @@ def verify_evidence(cert: bytes | str, verifier: QuoteVerifier, *, now: int | No
     der, parsed = _load_certificate(cert)
     key = _check_public_key(parsed)
     spki = spki_der(key)
-    _check_self_signature(parsed, key)
+    if not _issued_by_another(parsed):
+        _check_self_signature(parsed, key)
     found = _find_evidence(parsed)
 
     evidence: list[_Evidence] = []
     for source, value in found:
-        evidence.append(_parse_dice(value) if source == "dice" else _Evidence(source, value))
+        if source == "dice":
+            evidence.append(_parse_dice(value))
+        elif source == "dstack":
+            evidence.append(_parse_dstack(value))
+        else:
+            evidence.append(_Evidence(source, value))
     quotes: list[dcap_quote.Quote] = []
     for ev in evidence:
         try:

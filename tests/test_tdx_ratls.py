@@ -141,3 +141,90 @@ def test_real_td_quote_wrapped_in_a_certificate_is_parsed_and_refused_at_binding
     assert info.value.step == "binding"
     # the same quote on its own is a TD quote with the fields its source recorded
     assert dcap_quote.parse_quote(quote).report.mr_td.hex() == exp["mr_td"]
+
+
+# --- dstack's TDX RA-TLS certificates (read only) ------------------------------------------------------
+
+
+DSTACK_OID = x509.ObjectIdentifier(ratls.OID_DSTACK_QUOTE)
+
+
+def dstack_cert(key, quote: bytes, *, ca_key=None, wrap: bytes | None = None) -> bytes:
+    """A certificate shaped as dstack's ra-tls cert.rs writes it: signed by the app's CA, extension
+    1.3.6.1.4.1.62397.1.1 = DER OCTET STRING(quote)."""
+    from cryptography.hazmat.primitives import serialization
+    from der_writer import tlv
+
+    ca_key = ca_key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "RA-TLS TEMP Cert")])
+    issuer = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "Dstack App CA")])
+    now = dt.datetime.now(dt.UTC)
+    value = tlv(0x04, quote) if wrap is None else wrap
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).serial_number(9)
+            .public_key(key.public_key()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.UnrecognizedExtension(DSTACK_OID, value), False)
+            .sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+
+def test_dstack_certificate_verifies_to_the_td_identity(sim_platform, verifier):
+    key = ec.generate_private_key(ec.SECP256R1())
+    rd = hashlib.sha512(b"ratls-cert:" + ratls_attest.spki_der(key.public_key())).digest()
+    ident = ratls.verify_evidence(dstack_cert(key, sim_platform.make_td_quote(rd, rtmrs=RTMRS)), verifier)
+    assert (ident.tee, ident.evidence_format) == ("tdx", "dstack")
+    assert (ident.mr_td, ident.rtmrs) == (sgxsim.DEFAULT_MR_TD, RTMRS)
+    assert ident.report_data == rd == ratls.dstack_report_data(ratls_attest.spki_der(key.public_key()))
+
+
+def test_dstack_quote_binding_another_key_is_refused(sim_platform, verifier):
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    rd = ratls.dstack_report_data(ratls_attest.spki_der(other.public_key()))
+    with pytest.raises(ratls.EvidenceError, match=r'not SHA512\("ratls-cert:"') as info:
+        ratls.verify_evidence(dstack_cert(key, sim_platform.make_td_quote(rd)), verifier)
+    assert info.value.step == "binding"
+    # sha256-style binding (first 32 bytes only) is not dstack's: refused too
+    half = hashlib.sha256(ratls_attest.spki_der(key.public_key())).digest() + bytes(32)
+    with pytest.raises(ratls.EvidenceError, match="binding"):
+        ratls.verify_evidence(dstack_cert(key, sim_platform.make_td_quote(half)), verifier)
+
+
+@pytest.mark.parametrize("wrap", [b"", b"\x04\x00", b"\x30\x03\x04\x01\x00", b"\x04\x81\x01\x00",
+                                  b"\x04\x01\x00\x00"])
+def test_dstack_extension_must_be_one_octet_string(verifier, wrap):
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ratls.EvidenceError) as info:
+        ratls.verify_evidence(dstack_cert(key, b"", wrap=wrap), verifier)
+    assert info.value.step == "dstack_evidence", info.value
+
+
+def test_a_self_issued_dstack_shaped_certificate_must_be_self_signed(sim_platform, verifier):
+    """Only a CA-issued dstack certificate is read without a self-signature; a self-issued one signed
+    by another key is refused like any other."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    rd = ratls.dstack_report_data(ratls_attest.spki_der(key.public_key()))
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "same")])
+    now = dt.datetime.now(dt.UTC)
+    from cryptography.hazmat.primitives import serialization
+    from der_writer import tlv
+
+    der = (x509.CertificateBuilder().subject_name(name).issuer_name(name).serial_number(3)
+           .public_key(key.public_key()).not_valid_before(now).not_valid_after(now + dt.timedelta(hours=1))
+           .add_extension(x509.UnrecognizedExtension(DSTACK_OID, tlv(0x04, sim_platform.make_td_quote(rd))),
+                          False)
+           .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+           .public_bytes(serialization.Encoding.DER))
+    with pytest.raises(ratls.EvidenceError) as info:
+        ratls.verify_evidence(der, verifier)
+    assert info.value.step == "certificate_signature"
+
+
+@pytest.mark.parametrize("case", REAL_TDX, ids=[p.name for p in REAL_TDX])
+def test_real_td_quote_in_dstack_form_is_refused_at_binding(case):
+    quote = (case / "quote.bin").read_bytes()
+    exp = json.loads((case / "expected.json").read_text())
+    root = (SAMPLES / "real-dcap" / "IntelSGXRootCA.der").read_bytes()
+    verifier = dcap.Verifier(Collateral.from_json((case / "collateral.json").read_text()), root_ca=root)
+    with pytest.raises(ratls.EvidenceError, match="dstack quote's report_data") as info:
+        der = dstack_cert(ec.generate_private_key(ec.SECP256R1()), quote)
+        ratls.verify_evidence(der, verifier, now=exp["now"])
+    assert info.value.step == "binding"
