@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.set_defaults(func=_cmd_sim_init)
     p = sub.add_parser("quote", help="generate a quote for report data")
-    p.add_argument("--provider", choices=("sim", "occlum", "gramine"), default=None,
+    p.add_argument("--provider", choices=("sim", "occlum", "gramine", "tdx"), default=None,
                    help="default: detect (occlum, then gramine)")
     p.add_argument("--report-data", required=True, help="hex, up to 64 bytes (zero-padded)")
     p.add_argument("--sim-dir", default="sim")

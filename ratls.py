@@ -675,7 +675,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("make", help="make a key and a quote-carrying self-signed certificate")
-    m.add_argument("--provider", choices=("sim", "occlum", "gramine"), required=True)
+    m.add_argument("--provider", choices=("sim", "occlum", "gramine", "tdx"), required=True)
     m.add_argument("--sim-dir", help="simulated platform directory (sim provider)")
     m.add_argument("--format", choices=FORMATS, default="cczoo")
     m.add_argument("--key-type", choices=KEY_TYPES, help="default: p256 (cczoo), p384 (gramine)")
