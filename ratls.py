@@ -602,6 +602,10 @@ def _cmd_make(args: argparse.Namespace) -> int:
 def _reference_values_from_args(args: argparse.Namespace) -> Any:
     import policy  # policy decides; ratls only reads certificates (see the module docstring)
 
+    if args.mr_td is not None:
+        return _td_reference_values_from_args(args)
+    if args.rtmr:
+        raise policy.ReferenceValuesError("--rtmr: only with --mr-td (a TD's reference values)")
     if args.mr_enclave is None and args.mr_signer is None:
         return None
     d: dict[str, Any] = {"allow_debug": args.allow_debug}
@@ -620,6 +624,27 @@ def _reference_values_from_args(args: argparse.Namespace) -> Any:
     if args.accept_advisory:
         d["accepted_advisories"] = args.accept_advisory
     return policy.ReferenceValues.from_dict(d)
+
+
+def _td_reference_values_from_args(args: argparse.Namespace) -> Any:
+    import policy
+
+    for flag in ("mr_enclave", "mr_signer", "isv_prod_id", "min_isv_svn"):
+        if getattr(args, flag) is not None:
+            raise policy.ReferenceValuesError(f"--{flag.replace('_', '-')}: an enclave's, not with --mr-td")
+    d: dict[str, Any] = {"mr_td": args.mr_td, "allow_debug": args.allow_debug}
+    for spec in args.rtmr:
+        index, _, value = spec.partition("=")
+        if index not in ("0", "1", "2", "3"):
+            raise policy.ReferenceValuesError(f"--rtmr: give N=HEX with N 0..3, not {spec[:8]!r}")
+        d[f"rtmr{index}"] = value
+    if args.allow_tcb:
+        d["allowed_tcb_statuses"] = sorted({TCB_UP_TO_DATE, *args.allow_tcb})
+    if args.refuse_advisory:
+        d["refused_advisories"] = args.refuse_advisory
+    if args.accept_advisory:
+        d["accepted_advisories"] = args.accept_advisory
+    return policy.TdReferenceValues.from_dict(d)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -652,7 +677,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         decision = Decision(False, f"cannot verify: {type(e).__name__}: {e}")
     else:
         if policy is None:
-            decision = Decision(False, "no policy given (pass --mr-enclave and/or --mr-signer)")
+            decision = Decision(False, "no policy given (pass --mr-enclave and/or --mr-signer, or --mr-td)")
         else:
             decision = policy.appraise(identity, now=now)
     if args.json:
@@ -698,6 +723,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--root-ca", help="trusted root CA (default: Intel SGX Root CA shipped with ASPS)")
     v.add_argument("--mr-enclave", help="expected MRENCLAVE (64 hex)")
     v.add_argument("--mr-signer", help="expected MRSIGNER (64 hex)")
+    v.add_argument("--mr-td", help="expected MRTD of a TD (96 hex); TD reference values instead")
+    v.add_argument("--rtmr", action="append", default=[], metavar="N=HEX",
+                   help="expected RTMR N (with --mr-td)")
     v.add_argument("--isv-prod-id", type=int)
     v.add_argument("--min-isv-svn", type=int)
     v.add_argument("--allow-debug", action="store_true")

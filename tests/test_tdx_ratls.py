@@ -228,3 +228,29 @@ def test_real_td_quote_in_dstack_form_is_refused_at_binding(case):
         der = dstack_cert(ec.generate_private_key(ec.SECP256R1()), quote)
         ratls.verify_evidence(der, verifier, now=exp["now"])
     assert info.value.step == "binding"
+
+
+# --- ratls.py verify with TD reference values ----------------------------------------------------------
+
+
+def test_ratls_verify_cli_appraises_a_td(sim_platform, tmp_path, capsys):
+    der, _ = ratls_attest.make_certificate(TdProvider(sim_platform, rtmrs=RTMRS), fmt="dice")
+    cert = tmp_path / "td.pem"
+    cert.write_bytes(ratls_attest.cert_to_pem(der))
+    coll = tmp_path / "tdx_collateral.json"
+    coll.write_text(sim_platform.tdx_collateral().to_json())
+    root = sim_platform.directory / "root_ca.pem"
+    base = ["verify", str(cert), "--collateral", str(coll), "--root-ca", str(root), "--json"]
+
+    def verify(*extra: str) -> tuple[int, dict]:
+        code = ratls.main([*base, *extra])
+        return code, json.loads(capsys.readouterr().out)
+
+    code, out = verify("--mr-td", sgxsim.DEFAULT_MR_TD.hex(), "--rtmr", f"2={RTMRS[2].hex()}")
+    assert code == 0 and out["accepted"] and out["identity"]["tee"] == "tdx"
+    code, out = verify("--mr-td", sgxsim.DEFAULT_MR_TD.hex(), "--rtmr", f"2={RTMRS[1].hex()}")
+    assert code == 1 and out["reason"] == f"rtmr2 {RTMRS[2].hex()} not in policy"
+    code, out = verify("--mr-enclave", sgxsim.DEFAULT_MR_ENCLAVE.hex())
+    assert code == 1 and out["reason"] == "a TD cannot be an SGX app"
+    assert ratls.main([*base, "--mr-td", sgxsim.DEFAULT_MR_TD.hex(), "--mr-signer", "00" * 32]) == 2
+    assert "an enclave's, not with --mr-td" in capsys.readouterr().err
