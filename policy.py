@@ -943,7 +943,7 @@ def _parse_bool(value: object, name: str) -> bool:
     return value
 
 
-def _parse_advisories(obj: Any, where: str = "") -> None:
+def _parse_advisories(obj: Any) -> None:
     """Normalise refused/accepted advisories in place (upper case), refusing both at once."""
     if obj.refused_advisories is not None and obj.accepted_advisories is not None:
         raise ReferenceValuesError("refused_advisories/accepted_advisories: give one of them, not both")
