@@ -201,3 +201,15 @@ def test_td_certificate_from_the_configfs_provider(tsm, sim_platform):
     ident = ratls.verify_evidence(der, dcap.Verifier(sim_platform.tdx_collateral(),
                                                      root_ca=sim_platform.root_ca_der))
     assert ident.tee == "tdx" and ident.mr_td == sgxsim.DEFAULT_MR_TD and ident.evidence_format == "dice"
+
+
+def test_the_client_makes_dice_evidence_in_a_td(tsm, sim_platform):
+    """asps_client's evidence step picks the DICE shape for the tdx provider (no flag needed)."""
+    import asps_client
+    import ratls
+
+    kernel = tsm()
+    ev = asps_client.make_evidence("tdx", key_type="p256", tsm_root=str(kernel.root), mkdir=kernel.mkdir)
+    ident = ratls.verify_evidence(ev.cert_der, dcap.Verifier(sim_platform.tdx_collateral(),
+                                                             root_ca=sim_platform.root_ca_der))
+    assert (ident.tee, ident.evidence_format) == ("tdx", "dice") and len(kernel.served) == 1
