@@ -160,8 +160,8 @@ def make_evidence(
         raise NoEvidence(f"no quote provider: {e}") from None
     except ValueError as e:  # an option the provider does not know, e.g. the sim's TCB level
         raise UsageError(f"{provider} provider: {e}") from None
-    if fmt is None:
-        fmt = "gramine" if getattr(prov, "name", "") == "gramine" else "cczoo"
+    if fmt is None:  # a TD's evidence is DICE tagged evidence (CCC interoperable RA-TLS)
+        fmt = {"gramine": "gramine", "tdx": "dice", "sim-td": "dice"}.get(getattr(prov, "name", ""), "cczoo")
     try:
         cert_der, key = ratls_attest.make_certificate(prov, key_type=key_type, fmt=fmt)
     except DcapError as e:
@@ -582,6 +582,29 @@ def _hex32(value: str) -> bytes:
     return raw
 
 
+def _hex48(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != 48:
+        raise argparse.ArgumentTypeError("must be 96 hex characters")
+    return raw
+
+
+def _sim_rtmrs(specs: list[str]) -> tuple[bytes, ...]:
+    rtmrs = [bytes(48)] * 4
+    for spec in specs:
+        index, _, value = spec.partition("=")
+        if index not in ("0", "1", "2", "3"):
+            raise UsageError(f"--sim-rtmr {spec[:16]}: give N=HEX with N 0..3")
+        try:
+            rtmrs[int(index)] = _hex48(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--sim-rtmr {index}: {e}") from None
+    return tuple(rtmrs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -652,14 +675,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_env_argument(
         p,
         "--provider",
-        choices=("sim", "occlum", "gramine"),
+        choices=("sim", "occlum", "gramine", "tdx"),
         env_name="ASPS_PROVIDER",
-        help="quote provider [ASPS_PROVIDER] (default: detect Occlum, then Gramine)",
+        help="quote provider [ASPS_PROVIDER] (default: detect Occlum, then Gramine, then a TD's "
+        "configfs-tsm)",
     )
     p.add_argument(
         "--key-type", choices=("p256", "p384"), default="p256", help="evidence key type (default %(default)s)"
     )
-    p.add_argument("--evidence-format", choices=("cczoo", "gramine"), help="RA-TLS certificate shape")
+    p.add_argument("--evidence-format", choices=("cczoo", "gramine", "dice"),
+                   help="RA-TLS certificate shape (default: gramine under Gramine, dice in a TD, else cczoo)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)")
     p.add_argument(
         "--connect-timeout", type=float, default=5.0, help="seconds to establish TLS (default %(default)s)"
@@ -690,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-isv-svn", type=int, default=0)
     sim.add_argument("--sim-debug", action="store_true", help="report a debug enclave")
     sim.add_argument("--sim-tcb", default="UpToDate", help="TCB level of the simulated platform")
+    sim.add_argument("--sim-tee", choices=("sgx", "tdx"), default="sgx", help="simulate an enclave or a TD")
+    sim.add_argument("--sim-mr-td", type=_hex48, help="mr_td the simulated TD reports (hex, --sim-tee tdx)")
+    sim.add_argument("--sim-rtmr", action="append", default=[], metavar="N=HEX",
+                     help="RTMR N (0-3) the simulated TD reports (repeatable; default zeros)")
+    sim.add_argument("--sim-td-relaunch", action="store_true",
+                     help="a TD whose TCB a relaunch would bring up to date (TDRelaunchAdvised)")
     return p
 
 
@@ -716,6 +747,10 @@ def _provider_options(args: argparse.Namespace) -> dict[str, Any]:
         "debug": args.sim_debug,
         "tcb": args.sim_tcb,
     }
+    if args.sim_tee == "tdx":
+        opts.update(tee="tdx", relaunch=args.sim_td_relaunch, rtmrs=_sim_rtmrs(args.sim_rtmr))
+        if args.sim_mr_td:
+            opts["mr_td"] = args.sim_mr_td
     if args.sim_mr_enclave:
         opts["mr_enclave"] = args.sim_mr_enclave
     if args.sim_mr_signer:

@@ -528,12 +528,7 @@ def decide(
     except policy_mod.AmbiguousApp as e:
         raise classify(e, step) from None
     if app is None:
-        raise Refusal(
-            Kind.DENIED,
-            step,
-            f"unknown enclave: no app in the policy has mr_enclave {identity.mr_enclave.hex()} "
-            f"(mr_signer {identity.mr_signer.hex()})",
-        )
+        raise Refusal(Kind.DENIED, step, _unknown(identity))
     decision = app.reference.appraise(identity, now=now, app=app.id)
     if not decision.accepted:
         raise Refusal(
@@ -545,6 +540,14 @@ def decide(
         if name not in app.paths:
             raise Refusal(Kind.NOT_GRANTED, step, f"secret {name!r} is not granted to this enclave")
     return Grant(app, tuple(names))
+
+
+def _unknown(identity: ratls.Identity) -> str:
+    """Why no app matched, naming what the tenant would pin (a TD's mr_td, an enclave's mr_enclave)."""
+    if getattr(identity, "tee", "sgx") == "tdx":
+        return f"unknown TD: no TD app in the policy has mr_td {identity.mr_td.hex()} (and its pinned fields)"
+    return (f"unknown enclave: no app in the policy has mr_enclave {identity.mr_enclave.hex()} "
+            f"(mr_signer {identity.mr_signer.hex()})")
 
 
 # --- step: fetch and seal -----------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Quote providers: get an SGX DCAP quote for 64 bytes of report data from inside an enclave.
+"""Quote providers: get an SGX or TDX DCAP quote for 64 bytes of report data from inside an enclave or TD.
 
 Who may import it: the enclave side (ratls_attest, asps_client) and command lines.  It is copied
 into enclave images, so it imports only dcap_quote (to check what a provider returns) and never
 verifier, collateral, PCCS, policy, KMS or server code.  Providers: Occlum (/dev/sgx ioctls),
-Gramine (/dev/attestation), and the simulated platform (sgxsim, imported only when "sim" is asked
+Gramine (/dev/attestation), a TDX guest's configfs-tsm (/sys/kernel/config/tsm/report), and the
+simulated platform (sgxsim, imported only when "sim" is asked
 for, never in an enclave); get_provider(None) detects which runtime this process runs in.
 
 Every failure is a ProviderError naming the step (declared in dcap_quote, beside QuoteError, so the
@@ -12,6 +13,7 @@ simulated provider raises the same class without importing this module).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -38,6 +40,7 @@ MAX_QUOTE_SIZE = 1 << 20
 
 OCCLUM_DEVICE = "/dev/sgx"
 GRAMINE_ROOT = "/dev/attestation"
+TSM_REPORT_ROOT = "/sys/kernel/config/tsm/report"
 
 IoctlFn = Callable[[int, int, Any], Any]
 
@@ -208,6 +211,80 @@ class GramineProvider:
 
 
 # ---------------------------------------------------------------------------------------------------
+# TDX: the kernel's configfs-tsm report interface (Documentation/ABI/testing/configfs-tsm)
+# ---------------------------------------------------------------------------------------------------
+
+TSM_PROVIDER_TDX = "tdx_guest"
+TSM_ATTEMPTS = 3  # a concurrent writer of our entry is a bug elsewhere: retry a little, then say so
+
+
+class TdxProvider:
+    """TD quotes through configfs-tsm: mkdir an entry, write `inblob`, read `outblob`.
+
+    `generation` counts writes to the entry; read before and after, it tells whether another
+    writer changed inblob between our write and our read (the quote would then be for its data).
+    `mkdir` is the one step a plain directory cannot stand in for (configfs fills the new entry).
+    """
+
+    name = "tdx"
+
+    def __init__(self, root: str | os.PathLike[str] = TSM_REPORT_ROOT, *,
+                 mkdir: Callable[[str], None] = os.mkdir) -> None:
+        self.root = Path(root)
+        self._mkdir = mkdir
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ProviderError(f"tdx: cannot read {path}: {_os_reason(exc)}") from None
+
+    def _generation(self, entry: Path) -> int:
+        raw = self._read(entry / "generation").strip()
+        if not raw.isdigit():
+            raise ProviderError(f"tdx: {entry / 'generation'} holds {raw[:32]!r}, not a number")
+        return int(raw)
+
+    def get_quote(self, report_data: bytes) -> bytes:
+        report_data = _check_report_data(report_data)
+        entry = self.root / f"asps-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            self._mkdir(str(entry))
+        except OSError as exc:
+            raise ProviderError(f"tdx: cannot create {entry}: {_os_reason(exc)} (is this a TD "
+                                "with configfs mounted and a TSM provider loaded?)") from None
+        try:
+            return self._quote_in(entry, report_data)
+        finally:
+            with contextlib.suppress(OSError):  # tidying up must not hide the quote or the real error
+                os.rmdir(entry)
+
+    def _quote_in(self, entry: Path, report_data: bytes) -> bytes:
+        provider = self._read(entry / "provider").strip().decode("ascii", "replace")
+        if provider != TSM_PROVIDER_TDX:
+            raise ProviderError(f"tdx: {entry / 'provider'} names {provider!r}, need {TSM_PROVIDER_TDX!r}")
+        inblob, outblob = entry / "inblob", entry / "outblob"
+        for _ in range(TSM_ATTEMPTS):
+            before = self._generation(entry)
+            try:
+                fd = os.open(inblob, os.O_WRONLY)
+                try:
+                    written = os.write(fd, report_data)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise ProviderError(f"tdx: cannot write {inblob}: {_os_reason(exc)}") from None
+            if written != REPORT_DATA_SIZE:
+                raise ProviderError(f"tdx: short write to {inblob}: {written} of {REPORT_DATA_SIZE} bytes")
+            quote = self._read(outblob)
+            if self._generation(entry) == before + 1:
+                return check_quote(quote, report_data, f"tdx {outblob}")
+        raise ProviderError(f"tdx: {entry / 'generation'} changed under us {TSM_ATTEMPTS} times: another "
+                            "writer uses this entry")
+
+
+
+# ---------------------------------------------------------------------------------------------------
 # detection and selection
 # ---------------------------------------------------------------------------------------------------
 
@@ -228,42 +305,49 @@ def _is_occlum(device: str, environ: Mapping[str, str]) -> bool:
 
 
 def detect_provider(*, occlum_device: str = OCCLUM_DEVICE, gramine_root: str = GRAMINE_ROOT,
-                    environ: Mapping[str, str] | None = None) -> str | None:
-    """'occlum', 'gramine' or None: which enclave runtime this process is running in."""
+                    tsm_root: str = TSM_REPORT_ROOT, environ: Mapping[str, str] | None = None) -> str | None:
+    """'occlum', 'gramine', 'tdx' or None: which enclave runtime (or TD) this process is running in.
+
+    An enclave's own runtime wins over configfs-tsm: a TD may host SGX enclaves, never the reverse."""
     env = os.environ if environ is None else environ
     if _is_occlum(str(occlum_device), env):
         return "occlum"
     if os.path.exists(os.path.join(gramine_root, "quote")):
         return "gramine"
+    if os.path.isdir(tsm_root):
+        return "tdx"
     return None
 
 
 _OCCLUM_OPTIONS = frozenset({"device", "ioctl"})
 _GRAMINE_OPTIONS = frozenset({"root"})
-PROVIDER_NAMES = ("occlum", "gramine", "sim")
+_TDX_OPTIONS = frozenset({"tsm_root", "mkdir"})
+PROVIDER_NAMES = ("occlum", "gramine", "tdx", "sim")
 
 
 def get_provider(name: str | None = None, **options: Any) -> Any:
     """The quote provider called `name`, or the one detected when name is None.
 
-    Options go to the provider: occlum (device, ioctl), gramine (root), sim (sgxsim.SimProvider's).
-    With name None, `device`/`root` also steer detection and `environ` replaces os.environ for it.
+    Options go to the provider: occlum (device, ioctl), gramine (root), tdx (tsm_root, mkdir), sim
+    (sgxsim.SimProvider's).  With name None, `device`/`root`/`tsm_root` also steer detection and
+    `environ` replaces os.environ for it.
     """
     if name is None:
         environ = options.pop("environ", None)
-        unknown = set(options) - _OCCLUM_OPTIONS - _GRAMINE_OPTIONS
+        unknown = set(options) - _OCCLUM_OPTIONS - _GRAMINE_OPTIONS - _TDX_OPTIONS
         if unknown:
             raise ProviderError(f"unknown provider option(s) for detection: "
                                      f"{', '.join(sorted(unknown))}")
         device = str(options.get("device", OCCLUM_DEVICE))
         root = str(options.get("root", GRAMINE_ROOT))
-        name = detect_provider(occlum_device=device, gramine_root=root, environ=environ)
+        tsm = str(options.get("tsm_root", TSM_REPORT_ROOT))
+        name = detect_provider(occlum_device=device, gramine_root=root, tsm_root=tsm, environ=environ)
         if name is None:
             raise ProviderError(
                 f"no SGX quote provider detected: looked for Occlum ({device} as a character device, "
-                f"or with OCCLUM=yes) and Gramine ({os.path.join(root, 'quote')}); "
-                "name one explicitly, e.g. 'sim' for the simulated platform")
-        allowed = _OCCLUM_OPTIONS if name == "occlum" else _GRAMINE_OPTIONS
+                f"or with OCCLUM=yes), Gramine ({os.path.join(root, 'quote')}) and a TD's configfs-tsm "
+                f"({tsm}); name one explicitly, e.g. 'sim' for the simulated platform")
+        allowed = {"occlum": _OCCLUM_OPTIONS, "gramine": _GRAMINE_OPTIONS, "tdx": _TDX_OPTIONS}[name]
         options = {k: v for k, v in options.items() if k in allowed}
     if name == "occlum":
         _reject_options(options, _OCCLUM_OPTIONS, name)
@@ -271,6 +355,10 @@ def get_provider(name: str | None = None, **options: Any) -> Any:
     if name == "gramine":
         _reject_options(options, _GRAMINE_OPTIONS, name)
         return GramineProvider(**options)
+    if name == "tdx":
+        _reject_options(options, _TDX_OPTIONS, name)
+        tdx_options = dict(options)
+        return TdxProvider(tdx_options.pop("tsm_root", TSM_REPORT_ROOT), **tdx_options)
     if name == "sim":
         import sgxsim  # dev/test only, loaded when asked for; sgxsim imports only the quote format
 

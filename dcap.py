@@ -1,5 +1,5 @@
-"""SGX DCAP quote verification against Intel collateral, in pure Python: is this quote genuine, and what
-is the platform's TCB status?
+"""SGX and TDX DCAP quote verification against Intel collateral, in pure Python: is this quote genuine,
+and what is the platform's TCB status?
 
 Who may import it: the tenant side (ratls, asps_server, pccs, native_qvl, command lines) and tests.
 Never the enclave side.  It verifies; the quote format is dcap_quote's, the collateral bundle
@@ -9,7 +9,8 @@ CollateralSource such as pccs's): this module imports no project module but thos
 It answers the way Intel's Quote Verification Library (QVL) does, step by step, each step a small
 named check that fails with its own reason.  Sections (in file order): errors and constants .
 DER / X.509 helpers . trusted root . PCK certificate (SGX extension) . CRLs . TCB info and QE
-identity . TCB status merge . verify (the steps, VerifiedQuote, Verifier and its caches).
+identity (SGX and TDX: tdxModule, tdxModuleIdentities) . TCB status merge . verify (the steps,
+VerifiedQuote, Verifier and its caches) . TDX (module identity, TCB level, relaunch, convergence).
 
 Library API: verify(quote, collateral, root_ca=, now=), Verifier(source, root_ca=).verify(quote,
 now=), CollateralSource, load_root_ca / is_intel_root, parse_tcb_info, parse_qe_identity,
@@ -59,14 +60,15 @@ from dcap_quote import (
     CERT_PCK_CHAIN,
     ECDSA_KEY_LEN,
     ECDSA_SIG_LEN,
-    HEADER_LEN,
     INTEL_QE_VENDOR_ID,
     REPORT_BODY_LEN,
     SGX_QUOTE_V4,
+    TEE_TDX,
     CertificationData,
     DcapError,
     Quote,
     ReportBody,
+    TdReport,
     parse_quote,
 )
 
@@ -105,6 +107,13 @@ TCB_STATUSES = (
     "OutOfDateConfigurationNeeded",
     "Revoked",
 )
+# A TD's combined status may also advise relaunching the TD (Intel QVL TDRelaunchCheck: the platform
+# was updated while the TD ran, and a relaunched TD would be up to date).
+TD_RELAUNCH_STATUSES = ("TDRelaunchAdvised", "TDRelaunchAdvisedConfigurationNeeded")
+# A CollateralSource is asked for a TD's collateral (TDX TCB info, TD QE identity) with the PCK CA
+# type prefixed by this ("tdx-processor", "tdx-platform"): the same (FMSPC, type) key, cache and
+# back-off as SGX collateral, without changing the Protocol.
+TDX_CA_PREFIX = "tdx-"
 
 # ---------------------------------------------------------------------------------------------------
 # small helpers: time, DER, X.509 certificates
@@ -662,6 +671,7 @@ class TcbLevel:
     status: str
     advisory_ids: tuple[str, ...]
     tcb_date: str
+    tdx_svns: tuple[int, ...] = ()   # TDX TCB info: the 16 tdxtcbcomponents SVNs
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -676,6 +686,9 @@ class TcbInfo:
     pce_id: bytes
     tcb_evaluation_data_number: int
     levels: tuple[TcbLevel, ...]   # in Intel QVL's order: SVNs descending
+    # TDX TCB info (id "TDX") only: the TDX 1.0 module's identity, and one per module major version
+    tdx_module: TdxModuleIdentity | None = None
+    tdx_module_identities: tuple[TdxModuleIdentity, ...] = ()
 
     def match(self, comp_svns: tuple[int, ...], pce_svn: int) -> TcbLevel | None:
         """First level (highest first) whose 16 component SVNs and PCESVN are all <= the platform's."""
@@ -717,16 +730,87 @@ def parse_tcb_info(text: str) -> TcbInfo:
                          for j in range(1, 17))
         pce = _svn(tcb.get("pcesvn"), f"{lp}.tcb.pcesvn", 0xFFFF)  # type: ignore[union-attr]
         date = lv.get("tcbDate", "")
+        tdx_svns = _tdx_components(tcb, f"{lp}.tcb") if tcb_id == "TDX" else ()  # type: ignore[arg-type]
         levels.append(TcbLevel(svns, pce, _status_field(lv, lp), _advisories(lv, lp),
-                               date if isinstance(date, str) else ""))
-    # Intel QVL keeps levels in a std::set ordered by (CPUSVN components, PCESVN) descending and takes
-    # the first match; sort the same way so the JSON order cannot change the verdict.
-    levels.sort(key=lambda lv: (lv.comp_svns, lv.pce_svn), reverse=True)
+                               date if isinstance(date, str) else "", tdx_svns))
+    # Intel QVL keeps levels in a std::set ordered by (CPUSVN components, PCESVN, TDX components)
+    # descending and takes the first match; sort the same way so the JSON order cannot change the verdict.
+    levels.sort(key=lambda lv: (lv.comp_svns, lv.pce_svn, lv.tdx_svns), reverse=True)
+    module, identities = None, ()
+    if tcb_id == "TDX":
+        if version != 3:
+            raise CollateralError(f"{p}.version: a TDX TCB info is version 3")
+        module = _tdx_module_identity(d.get("tdxModule"), f"{p}.tdxModule", levels=False)
+        raw_ids = d.get("tdxModuleIdentities", [])
+        if not isinstance(raw_ids, list):
+            raise CollateralError(f"{p}.tdxModuleIdentities: must be a list")
+        identities = tuple(_tdx_module_identity(m, f"{p}.tdxModuleIdentities[{i}]", levels=True)
+                           for i, m in enumerate(raw_ids))
     return TcbInfo(version, tcb_id, _parse_date(d.get("issueDate"), f"{p}.issueDate"),  # type: ignore[arg-type]
                    _parse_date(d.get("nextUpdate"), f"{p}.nextUpdate"), _hex_field(d, "fmspc", 6, p),
                    _hex_field(d, "pceId", 2, p),
                    _svn(d.get("tcbEvaluationDataNumber"), f"{p}.tcbEvaluationDataNumber", 0xFFFFFFFF),
-                   tuple(levels))
+                   tuple(levels), module, identities)
+
+
+@dataclass(frozen=True, slots=True)
+class TdxModuleLevel:
+    """One TCB level of a TDX module identity: module ISVSVN (tee_tcb_svn[0]) at least this -> status."""
+
+    isv_svn: int
+    status: str
+    advisory_ids: tuple[str, ...]
+    tcb_date: str
+
+
+@dataclass(frozen=True, slots=True)
+class TdxModuleIdentity:
+    """Who may sign the TDX module (MRSIGNER_SEAM) and its SEAM attributes; `id` "TDX_<major hex>" for
+    an entry of tdxModuleIdentities (with TCB levels), "" for the TDX 1.0 `tdxModule`."""
+
+    id: str
+    mrsigner: bytes
+    attributes: bytes
+    attributes_mask: bytes
+    levels: tuple[TdxModuleLevel, ...] = ()
+
+    def level_for(self, isv_svn: int) -> TdxModuleLevel | None:
+        for level in self.levels:
+            if isv_svn >= level.isv_svn:
+                return level
+        return None
+
+
+def _tdx_components(tcb: dict, lp: str) -> tuple[int, ...]:
+    comps = _field(tcb, "tdxtcbcomponents", list, lp)
+    if len(comps) != 16 or not all(isinstance(c, dict) for c in comps):  # type: ignore[arg-type]
+        raise CollateralError(f"{lp}.tdxtcbcomponents: must be 16 objects")
+    return tuple(_svn(c.get("svn"), f"{lp}.tdxtcbcomponents[{j}].svn", 255)
+                 for j, c in enumerate(comps))  # type: ignore[arg-type]
+
+
+def _tdx_module_identity(d: object, p: str, *, levels: bool) -> TdxModuleIdentity:
+    if not isinstance(d, dict):
+        raise CollateralError(f"{p}: must be an object")
+    out = []
+    if levels:
+        raw_levels = _field(d, "tcbLevels", list, p)
+        if not raw_levels:
+            raise CollateralError(f"{p}.tcbLevels: empty")
+        for i, lv in enumerate(raw_levels):  # type: ignore[arg-type]
+            lp = f"{p}.tcbLevels[{i}]"
+            if not isinstance(lv, dict):
+                raise CollateralError(f"{lp}: must be an object")
+            tcb = _field(lv, "tcb", dict, lp)
+            date = lv.get("tcbDate", "")
+            isv = _svn(tcb.get("isvsvn"), f"{lp}.tcb.isvsvn", 255)  # type: ignore[union-attr]
+            out.append(TdxModuleLevel(isv, _status_field(lv, lp), _advisories(lv, lp),
+                                      date if isinstance(date, str) else ""))
+        out.sort(key=lambda lv: lv.isv_svn, reverse=True)   # highest first, as Intel QVL walks them
+    ident = _field(d, "id", str, p) if levels else ""
+    return TdxModuleIdentity(str(ident).upper(), _hex_field(d, "mrsigner", 48, p),
+                             _hex_field(d, "attributes", 8, p), _hex_field(d, "attributesMask", 8, p),
+                             tuple(out))
 
 
 @dataclass(frozen=True, slots=True)
@@ -861,8 +945,34 @@ class VerifiedQuote:
     platform_status: str = ""
     qe_status: str = ""
     pck_ca: str = ""
+    # TDX: for a TD, mr_enclave / mr_signer / attributes are empty and isv_* 0 (a TD has none); its
+    # identity is td_report.  tdx_module_id is the module identity matched ("" = tdxModule, TDX 1.0),
+    # tdx_module_status that identity's TCB status ("" when the module has none).  `status` may then
+    # also be one of TD_RELAUNCH_STATUSES.
+    tee_type: str = "SGX"
+    td_report: TdReport | None = None
+    tdx_module_id: str = ""
+    tdx_module_status: str = ""
+    padding: int = 0    # zero bytes after the quote's signature data
 
     def to_dict(self) -> dict[str, object]:
+        if self.td_report is not None:
+            return {
+                "tee_type": self.tee_type,
+                "status": self.status,
+                "advisory_ids": list(self.advisory_ids),
+                "debug": self.debug,
+                "td": self.td_report.to_dict(),
+                "tdx_module_identity": self.tdx_module_id or "tdxModule",
+                "tdx_module_status": self.tdx_module_status,
+                "fmspc": self.fmspc.hex(),
+                "collateral_expiry": self.collateral_expiry,
+                "platform_status": self.platform_status,
+                "qe_status": self.qe_status,
+                "pck_ca": self.pck_ca,
+                "quote_version": self.quote.version,
+                "padding": self.padding,
+            }
         return {
             "status": self.status,
             "advisory_ids": list(self.advisory_ids),
@@ -1021,8 +1131,8 @@ def _pck_verified(quote: Quote, root: _Cert, caches: _Caches) -> _VerifiedPck:
 
 def _qe_report_raw(quote: Quote) -> bytes:
     if quote.raw:
-        off = HEADER_LEN + REPORT_BODY_LEN + 4 + ECDSA_SIG_LEN + ECDSA_KEY_LEN
-        if quote.header.version == SGX_QUOTE_V4:
+        off = quote.signed_length + 4 + ECDSA_SIG_LEN + ECDSA_KEY_LEN
+        if quote.header.version >= SGX_QUOTE_V4:
             off += 6
         return quote.raw[off:off + REPORT_BODY_LEN]
     return quote.signature.qe_report.to_bytes()
@@ -1058,9 +1168,13 @@ def _check_qe_block(quote: Quote, pck: _VerifiedPck,
     return att, qe_raw
 
 
-def _check_qe_identity(qe: QeIdentity, report: ReportBody) -> QeTcbLevel:
-    """QE report against the QE identity (Intel QVL EnclaveReportVerifier order)."""
-    if qe.id != "QE":
+def _check_qe_identity(qe: QeIdentity, report: ReportBody, want: str = "QE") -> QeTcbLevel:
+    """QE report against the QE identity (Intel QVL EnclaveReportVerifier order); a TD quote's QE is
+    judged by the TD QE identity (id "TD_QE")."""
+    if qe.id != want:
+        if want == "TD_QE":
+            raise VerificationError("td_qe_identity_mismatch",
+                                    f"QE identity id is {qe.id!r}, a TDX quote needs 'TD_QE'")
         raise VerificationError("qe_identity_mismatch",
                                 f"QE identity id is {qe.id!r}, an SGX quote needs 'QE'")
     if report.misc_select & qe.miscselect_mask != qe.miscselect:
@@ -1107,7 +1221,8 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
     # collateral: root CA CRL, PCK CRL, TCB info, QE identity, each under the trusted root, and the
     # validity of every piece at `now`
     if collateral is None:
-        vc = _source_collateral_verified(source, pck.ext.fmspc, pck.ca, root, caches, now)
+        kind = TDX_CA_PREFIX + pck.ca if quote.header.tee_type == TEE_TDX else pck.ca
+        vc = _source_collateral_verified(source, pck.ext.fmspc, kind, root, caches, now)
     else:
         vc = _collateral_verified(collateral, root, caches)
         _check_validity(vc.validity, vc.window, now)
@@ -1130,7 +1245,13 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
         raise VerificationError("pck_revoked", f"PCK certificate serial {pck.leaf.serial:#x} is revoked")
     # TCB info belongs to this platform
     tcb = vc.tcb
-    if tcb.id != "SGX":
+    td = quote.header.tee_type == TEE_TDX
+    if td and (tcb.id != "TDX" or tcb.version < 3):
+        raise VerificationError(
+            "tcb_info_mismatch",
+            f"TCB info id is {tcb.id!r} (version {tcb.version}), a TDX "
+            "quote needs 'TDX' (version 3)")
+    if not td and tcb.id != "SGX":
         raise VerificationError("tcb_info_mismatch", f"TCB info id is {tcb.id!r}, an SGX quote needs 'SGX'")
     if tcb.fmspc != pck.ext.fmspc:
         raise VerificationError("tcb_info_mismatch", f"TCB info FMSPC {tcb.fmspc.hex()} is not the PCK "
@@ -1138,13 +1259,15 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
     if tcb.pce_id != pck.ext.pce_id:
         raise VerificationError("tcb_info_mismatch", f"TCB info PCE-ID {tcb.pce_id.hex()} is not the PCK "
                                 f"certificate's {pck.ext.pce_id.hex()}")
+    # TD: the TDX module's signer and SEAM attributes against the TCB info's module identity
+    module = _check_tdx_module(tcb, quote.report) if isinstance(quote.report, TdReport) else None
     # QE report signature and report data; QE identity
     att_key, qe_raw = _check_qe_block(quote, pck, caches)
     qe_level = vc.memo.get(qe_raw)
     if qe_level is None:
         if len(vc.memo) > 4096:
             vc.memo.clear()
-        qe_level = _check_qe_identity(vc.qe, quote.signature.qe_report)
+        qe_level = _check_qe_identity(vc.qe, quote.signature.qe_report, "TD_QE" if td else "QE")
         vc.memo[qe_raw] = qe_level
     # ISV enclave report signature by the attestation key
     try:
@@ -1152,6 +1275,8 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
     except InvalidSignature:
         raise VerificationError("isv_signature",
                                 "quote signature does not verify under the attestation key") from None
+    if isinstance(quote.report, TdReport):
+        return _verified_td(quote, pck, vc, module, qe_level)
     # platform TCB level
     level = vc.memo.get(pck)
     if level is None:
@@ -1169,6 +1294,160 @@ def _verify(quote_bytes: bytes | Quote, collateral: Collateral | None, source: o
         attributes=report.attributes, fmspc=pck.ext.fmspc,
         collateral_expiry=min(vc.expiry, pck.window[1]), quote=quote,
         platform_status=level.status, qe_status=qe_level.status, pck_ca=pck.ca)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TDX: module identity, TCB level (SGX + PCE + TDX components), module TCB, relaunch, convergence
+# (Intel QVL QuoteVerifier.cpp 4.1.2.4.11, TdxModuleCheck.cpp, TcbLevelCheck.cpp, TDRelaunchCheck.cpp)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _module_identity_for(tcb: TcbInfo, version: int) -> TdxModuleIdentity | None:
+    want = f"TDX_{version:02X}"
+    return next((m for m in tcb.tdx_module_identities if m.id == want), None)
+
+
+def _check_tdx_module(tcb: TcbInfo, report: TdReport) -> TdxModuleIdentity:
+    """MRSIGNER_SEAM and SEAM attributes against the module identity of the TDX module's major version
+    (tee_tcb_svn[1]; 0 = TDX 1.0, judged by `tdxModule`).  Returns the identity matched."""
+    major = report.tee_tcb_svn[1]
+    module = tcb.tdx_module
+    if major > 0:
+        module = _module_identity_for(tcb, major)
+        if module is None:
+            raise VerificationError(
+                "tdx_module_identity",
+                f"TCB info has no TDX module identity TDX_{major:02X} "
+                f"for the TDX module version {major}")
+    if module is None:   # parse_tcb_info requires tdxModule; a TcbInfo built by hand may lack it
+        raise VerificationError("tdx_module_identity", "TCB info has no tdxModule")
+    if report.mr_signer_seam != module.mrsigner:
+        raise VerificationError(
+            "tdx_module_identity",
+            f"MRSIGNER_SEAM {report.mr_signer_seam.hex()} is not the "
+            f"TDX module signer of {module.id or 'tdxModule'}")
+    # Intel QVL requires SEAM attributes to be zero and equal to the identity's (its mask is not applied)
+    if report.seam_attributes != bytes(8) or report.seam_attributes != module.attributes:
+        raise VerificationError(
+            "tdx_module_identity",
+            f"SEAM attributes {report.seam_attributes.hex()} are not "
+            f"those of {module.id or 'tdxModule'} ({module.attributes.hex()})")
+    return module
+
+
+def _tdx_match(tcb: TcbInfo, comp_svns: tuple[int, ...], pce_svn: int,
+               tee_tcb_svn: bytes) -> tuple[TcbLevel | None, TcbLevel | None]:
+    """(first level the SGX components and PCESVN reach, first level the TDX components reach too).
+    With a TDX module major version > 0, tee_tcb_svn bytes 0 and 1 (module SVN and version) are
+    judged by the module identity instead, so the TDX comparison starts at byte 2."""
+    start = 2 if tee_tcb_svn[1] > 0 else 0
+    sgx_level = None
+    for level in tcb.levels:
+        if pce_svn >= level.pce_svn and all(map(operator.ge, comp_svns, level.comp_svns)):
+            if sgx_level is None:
+                sgx_level = level
+            tdx = level.tdx_svns
+            if len(tdx) == 16 and all(tee_tcb_svn[i] >= tdx[i] for i in range(start, 16)):
+                return sgx_level, level
+    return sgx_level, None
+
+
+def _converge_module(status: str, module_status: str) -> str:
+    """Intel QVL convergeTcbStatusWithTdxModuleStatus."""
+    if module_status == "OutOfDate":
+        if status in ("UpToDate", "SWHardeningNeeded"):
+            return "OutOfDate"
+        if status in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
+            return "OutOfDateConfigurationNeeded"
+    if module_status == "Revoked":
+        return "Revoked"
+    return status
+
+
+_CONFIG_NEEDED = ("ConfigurationNeeded", "OutOfDateConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
+                  "TDRelaunchAdvisedConfigurationNeeded")
+
+
+def _relaunch(report: TdReport, tcb: TcbInfo, sgx_status: str, tdx_status: str, module_status: str,
+              qe_status: str) -> str:
+    """Intel QVL checkForRelaunch (TD report 1.5): the TD runs on an out-of-date TCB, but the platform
+    has since been updated (tee_tcb_svn_2, the TCB a relaunched TD would get, reaches the latest level):
+    a relaunch is advised rather than the TD being out of date."""
+    svn2 = report.tee_tcb_svn_2 or bytes(16)
+    if (qe_status in ("OutOfDate", "Revoked")
+            or sgx_status not in ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
+                                  "ConfigurationAndSWHardeningNeeded")
+            or tdx_status not in ("OutOfDate", "OutOfDateConfigurationNeeded")
+            or module_status != "OutOfDate"):
+        return tdx_status
+    latest = tcb.levels[0]
+    if svn2[1] == 0:
+        reached = svn2[0] >= latest.tdx_svns[0] and svn2[2] >= latest.tdx_svns[2]
+    else:
+        module2 = _module_identity_for(tcb, svn2[1])
+        if module2 is None:
+            raise VerificationError(
+                "tdx_module_identity",
+                f"TCB info has no TDX module identity TDX_{svn2[1]:02X} "
+                "for tee_tcb_svn_2's module version")
+        reached = svn2[0] >= module2.levels[0].isv_svn and svn2[2] >= latest.tdx_svns[2]
+    if not reached:
+        return tdx_status
+    if sgx_status in _CONFIG_NEEDED or tdx_status in _CONFIG_NEEDED:
+        return "TDRelaunchAdvisedConfigurationNeeded"
+    return "TDRelaunchAdvised"
+
+
+@dataclass(frozen=True, slots=True)
+class _TdxVerdict:
+    status: str            # before the QE's status is folded in
+    advisory_ids: tuple[str, ...]
+    level: TcbLevel
+    module_id: str
+    module_status: str
+
+
+def _tdx_verdict(tcb: TcbInfo, pck: _VerifiedPck, report: TdReport, module: TdxModuleIdentity,
+                 qe_status: str) -> _TdxVerdict:
+    sgx_level, level = _tdx_match(tcb, pck.ext.comp_svns, pck.ext.pce_svn, report.tee_tcb_svn)
+    if sgx_level is None or level is None:
+        raise VerificationError(
+            "tdx_tcb_level",
+            f"no TCB level of FMSPC {tcb.fmspc.hex()} matches the platform's "
+            f"SGX SVNs, PCESVN and TEE_TCB_SVN {report.tee_tcb_svn.hex()} (TCB not supported)")
+    status, module_status, advisories = level.status, "", level.advisory_ids
+    if report.tee_tcb_svn[1] > 0:
+        mlevel = module.level_for(report.tee_tcb_svn[0])
+        if mlevel is None:
+            raise VerificationError(
+                "tdx_module_tcb_level",
+                f"TDX module ISVSVN {report.tee_tcb_svn[0]} is below "
+                f"every TCB level of {module.id} (TCB not supported)")
+        module_status, advisories = mlevel.status, _merge_advisories(advisories, mlevel.advisory_ids)
+        status = _converge_module(status, module_status)
+    if status != "Revoked" and report.is_v15:
+        status = _relaunch(report, tcb, sgx_level.status, status, module_status, qe_status)
+    return _TdxVerdict(status, advisories, level, module.id, module_status)
+
+
+def _verified_td(quote: Quote, pck: _VerifiedPck, vc: _VerifiedCollateral, module: TdxModuleIdentity | None,
+                 qe_level: QeTcbLevel) -> VerifiedQuote:
+    report = quote.report
+    assert isinstance(report, TdReport) and module is not None
+    key = ("tdx", pck, report.tee_tcb_svn, report.tee_tcb_svn_2, module.id, qe_level.status)
+    verdict = vc.memo.get(key)
+    if verdict is None:
+        verdict = _tdx_verdict(vc.tcb, pck, report, module, qe_level.status)
+        vc.memo[key] = verdict
+    return VerifiedQuote(
+        status=merge_tcb_status(verdict.status, qe_level.status),
+        advisory_ids=_merge_advisories(verdict.advisory_ids, qe_level.advisory_ids),
+        mr_enclave=b"", mr_signer=b"", isv_prod_id=0, isv_svn=0, debug=report.debug,
+        report_data=report.report_data, attributes=b"", fmspc=pck.ext.fmspc,
+        collateral_expiry=min(vc.expiry, pck.window[1]), quote=quote,
+        platform_status=verdict.level.status, qe_status=qe_level.status, pck_ca=pck.ca,
+        tee_type="TDX", td_report=report, tdx_module_id=verdict.module_id,
+        tdx_module_status=verdict.module_status, padding=quote.padding)
 
 
 _SHARED_CACHES = _Caches()
@@ -1202,6 +1481,7 @@ class CollateralSource(Protocol):
     handed out does not verify, and the source forgets that object (True) or keeps serving it (False)."""
 
     def get(self, fmspc: bytes, ca: str, now: int) -> Collateral: ...
+    # `ca` is "processor" or "platform", or for a TD's collateral TDX_CA_PREFIX + one of them.
 
 
 class Verifier:
@@ -1237,6 +1517,8 @@ class Verifier:
 
 def collateral_key_name(key: tuple[bytes, str]) -> str:
     """How messages name the collateral of one (FMSPC, PCK CA type)."""
+    if key[1].startswith(TDX_CA_PREFIX):
+        return f"TDX collateral for FMSPC {key[0].hex()}, {key[1][len(TDX_CA_PREFIX):]} CA"
     return f"collateral for FMSPC {key[0].hex()}, {key[1]} CA"
 
 

@@ -91,8 +91,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict()))
     else:
         d = result.to_dict()
-        for key in ("status", "advisory_ids", "mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "debug",
-                    "report_data", "fmspc", "collateral_expiry"):
+        if "td" in d:   # a TD: its identity is the TD report's
+            d = {**d, **d.pop("td")}  # type: ignore[dict-item]
+            keys: tuple[str, ...] = ("tee_type", "status", "advisory_ids", "debug", "mr_td", "mr_seam",
+                                     "rtmr0", "rtmr1", "rtmr2", "rtmr3", "report_data",
+                                     "tdx_module_identity", "fmspc", "collateral_expiry", "padding")
+        else:
+            keys = ("status", "advisory_ids", "mr_enclave", "mr_signer", "isv_prod_id", "isv_svn", "debug",
+                    "report_data", "fmspc", "collateral_expiry")
+        for key in keys:
             value = ", ".join(d[key]) if key == "advisory_ids" else d[key]  # type: ignore[arg-type]
             print(f"{key}: {value}")
     return 0
@@ -100,13 +107,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcap.py",
-                                     description="SGX DCAP quotes: simulate, generate, verify.")
+                                     description="SGX/TDX DCAP quotes: simulate, generate, verify.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sim-init", help="create (or reuse) a simulated SGX platform in DIR")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_sim_init)
     p = sub.add_parser("quote", help="generate a quote for report data")
-    p.add_argument("--provider", choices=("sim", "occlum", "gramine"), default=None,
+    p.add_argument("--provider", choices=("sim", "occlum", "gramine", "tdx"), default=None,
                    help="default: detect (occlum, then gramine)")
     p.add_argument("--report-data", required=True, help="hex, up to 64 bytes (zero-padded)")
     p.add_argument("--sim-dir", default="sim")

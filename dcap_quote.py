@@ -1,4 +1,5 @@
-"""SGX DCAP quote format: header, report body, certification data; parse and serialize, nothing more.
+"""DCAP quote format (SGX and TDX): header, SGX report body or TD report, certification data; parse
+and serialize, nothing more.
 
 Who may import it: anyone.  It is the one module the enclave side (attester, ratls_attest), the
 verifier (dcap), RA-TLS reading (ratls) and the simulated platform (sgxsim) share, so it imports no
@@ -35,6 +36,7 @@ class ProviderError(DcapError):
 
 SGX_QUOTE_V3 = 3
 SGX_QUOTE_V4 = 4
+QUOTE_V5 = 5
 ATT_KEY_ECDSA_P256 = 2
 ATT_KEY_ECDSA_P384 = 3
 TEE_SGX = 0
@@ -52,6 +54,14 @@ CERT_PLATFORM_MANIFEST = 7
 
 HEADER_LEN = 48
 REPORT_BODY_LEN = 384
+TD_REPORT10_LEN = 584
+TD_REPORT15_LEN = 648
+# Quote v5 body descriptor: u16 type, u32 size, between the header and the body (Intel QVL
+# QuoteConstants.h / Quote.cpp).
+BODY_DESCRIPTOR_LEN = 6
+BODY_SGX_ENCLAVE_REPORT = 1
+BODY_TD_REPORT10 = 2
+BODY_TD_REPORT15 = 3
 ECDSA_SIG_LEN = 64
 ECDSA_KEY_LEN = 64
 # Variable-length fields larger than this are refused rather than trusted (a PCK chain is ~4 KiB).
@@ -172,6 +182,97 @@ class ReportBody:
             raise QuoteError(f"{name}: must be {REPORT_BODY_LEN} bytes, got {len(data)}")
         return cls(*_REPORT_STRUCT.unpack(bytes(data)))
 
+_TD_LAYOUT = (
+    # (field, size) in wire order (Intel TDX Module ABI, TDREPORT's TDINFO + TEE_TCB_INFO as quoted).
+    ("tee_tcb_svn", 16), ("mr_seam", 48), ("mr_signer_seam", 48), ("seam_attributes", 8),
+    ("td_attributes", 8), ("xfam", 8), ("mr_td", 48), ("mr_config_id", 48), ("mr_owner", 48),
+    ("mr_owner_config", 48), ("rtmr0", 48), ("rtmr1", 48), ("rtmr2", 48), ("rtmr3", 48),
+    ("report_data", 64),
+)
+_TD15_LAYOUT = (("tee_tcb_svn_2", 16), ("mr_service_td", 48))
+assert sum(n for _, n in _TD_LAYOUT) == TD_REPORT10_LEN
+assert TD_REPORT10_LEN + sum(n for _, n in _TD15_LAYOUT) == TD_REPORT15_LEN
+
+
+@dataclass(frozen=True, slots=True)
+class TdReport:
+    """A TD report as quoted: 1.0 (584 bytes) or, with `tee_tcb_svn_2` and `mr_service_td`, 1.5
+    (648 bytes, quote v5 body type 3).  Every field is raw bytes, as on the wire."""
+
+    tee_tcb_svn: bytes
+    mr_seam: bytes
+    mr_signer_seam: bytes
+    seam_attributes: bytes
+    td_attributes: bytes
+    xfam: bytes
+    mr_td: bytes
+    mr_config_id: bytes
+    mr_owner: bytes
+    mr_owner_config: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+    rtmr3: bytes
+    report_data: bytes
+    tee_tcb_svn_2: bytes | None = None
+    mr_service_td: bytes | None = None
+
+    @property
+    def is_v15(self) -> bool:
+        return self.tee_tcb_svn_2 is not None
+
+    @property
+    def size(self) -> int:
+        return TD_REPORT15_LEN if self.is_v15 else TD_REPORT10_LEN
+
+    @property
+    def body_type(self) -> int:
+        """Quote v5 body type: 3 for a TD report 1.5, 2 for 1.0."""
+        return BODY_TD_REPORT15 if self.is_v15 else BODY_TD_REPORT10
+
+    @property
+    def debug(self) -> bool:
+        """TD_ATTRIBUTES.TUD.DEBUG (bit 0): the host VMM can read and change the TD's state."""
+        return bool(self.td_attributes[0] & 0x01)
+
+    @property
+    def rtmrs(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return (self.rtmr0, self.rtmr1, self.rtmr2, self.rtmr3)
+
+    @property
+    def tdx_module_version(self) -> tuple[int, int]:
+        """(major, minor) of the TDX module: tee_tcb_svn bytes 1 and 0 (Intel QVL TdxModuleCheck)."""
+        return self.tee_tcb_svn[1], self.tee_tcb_svn[0]
+
+    def _layout(self) -> tuple[tuple[str, int], ...]:
+        return _TD_LAYOUT + _TD15_LAYOUT if self.is_v15 else _TD_LAYOUT
+
+    def to_bytes(self) -> bytes:
+        if (self.tee_tcb_svn_2 is None) != (self.mr_service_td is None):
+            raise QuoteError("td_report: tee_tcb_svn_2 and mr_service_td come together (TD report 1.5)")
+        out = []
+        for name, size in self._layout():
+            value = getattr(self, name)
+            _fixed(value, size, f"td_report.{name}")
+            out.append(bytes(value))
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "td_report") -> TdReport:
+        if len(data) not in (TD_REPORT10_LEN, TD_REPORT15_LEN):
+            raise QuoteError(f"{name}: must be {TD_REPORT10_LEN} or {TD_REPORT15_LEN} bytes, got {len(data)}")
+        data = bytes(data)
+        layout = _TD_LAYOUT + _TD15_LAYOUT if len(data) == TD_REPORT15_LEN else _TD_LAYOUT
+        values, pos = [], 0
+        for _, size in layout:
+            values.append(data[pos:pos + size])
+            pos += size
+        return cls(*values)
+
+    def to_dict(self) -> dict[str, str]:
+        """Every field as hex (how the CLI and the differential tests show a TD's identity)."""
+        return {name: getattr(self, name).hex() for name, _ in self._layout()}
+
 
 @dataclass(frozen=True, slots=True)
 class CertificationData:
@@ -203,36 +304,65 @@ class QuoteSignatureData:
                 + self.certification_data.to_bytes())
 
     def to_bytes(self, version: int) -> bytes:
-        """Signature data as it appears after the 4-byte length in a quote of `version`."""
+        """Signature data as it appears after the 4-byte length in a quote of `version` (v4 and v5
+        carry the QE part inside type-6 certification data)."""
         head = self.isv_signature + self.attestation_key
-        if version == SGX_QUOTE_V4:
+        if version >= SGX_QUOTE_V4:
             return head + CertificationData(CERT_QE_REPORT, self._qe_part()).to_bytes()
         return head + self._qe_part()
 
 
 @dataclass(frozen=True, slots=True)
 class Quote:
-    """A parsed SGX ECDSA quote; `raw` keeps the exact bytes it was parsed from."""
+    """A parsed DCAP ECDSA quote; `raw` keeps the exact bytes it was parsed from.
+
+    `report` is the SGX enclave's ReportBody (tee_type 0) or the TD's TdReport (tee_type 0x81).
+    `padding` counts the zero bytes after the signature data (a fixed-size buffer from configfs-tsm or
+    a QGS); they are not signed and not part of the quote, but to_bytes() writes them back so parsing
+    and serializing stay exact inverses."""
 
     header: QuoteHeader
-    report: ReportBody
+    report: ReportBody | TdReport
     signature: QuoteSignatureData
     raw: bytes = field(default=b"", repr=False, compare=False)
-
-    @property
-    def signed_bytes(self) -> bytes:
-        """Header || report body: the bytes the attestation key signs."""
-        if self.raw:
-            return self.raw[:HEADER_LEN + REPORT_BODY_LEN]
-        return self.header.to_bytes() + self.report.to_bytes()
+    padding: int = 0
 
     @property
     def version(self) -> int:
         return self.header.version
 
+    @property
+    def is_td(self) -> bool:
+        return isinstance(self.report, TdReport)
+
+    @property
+    def body_type(self) -> int:
+        """The v5 body type this report has (1 SGX, 2 TD 1.0, 3 TD 1.5), whatever the version."""
+        return self.report.body_type if isinstance(self.report, TdReport) else BODY_SGX_ENCLAVE_REPORT
+
+    @property
+    def signed_length(self) -> int:
+        """Length of header (|| v5 body descriptor) || body: what the attestation key signs."""
+        body = self.report.size if isinstance(self.report, TdReport) else REPORT_BODY_LEN
+        return HEADER_LEN + (BODY_DESCRIPTOR_LEN if self.version == QUOTE_V5 else 0) + body
+
+    def _signed(self) -> bytes:
+        out = self.header.to_bytes()
+        if self.version == QUOTE_V5:
+            size = self.report.size if isinstance(self.report, TdReport) else REPORT_BODY_LEN
+            out += struct.pack("<HI", self.body_type, size)
+        return out + self.report.to_bytes()
+
+    @property
+    def signed_bytes(self) -> bytes:
+        """Header (|| v5 body descriptor) || body: the bytes the attestation key signs."""
+        if self.raw:
+            return self.raw[:self.signed_length]
+        return self._signed()
+
     def to_bytes(self) -> bytes:
         sig = self.signature.to_bytes(self.header.version)
-        return self.header.to_bytes() + self.report.to_bytes() + struct.pack("<I", len(sig)) + sig
+        return self._signed() + struct.pack("<I", len(sig)) + sig + bytes(self.padding)
 
 
 def _read_cert_data(r: _Reader, name: str) -> CertificationData:
@@ -254,30 +384,62 @@ def _read_qe_part(r: _Reader, where: str) -> tuple[ReportBody, bytes, bytes, Cer
     return qe_report, qe_sig, auth, cert
 
 
-def parse_quote(data: bytes) -> Quote:
-    """Parse an SGX ECDSA-P256 quote, version 3 or 4.  Raises QuoteError only.
+def _read_body(r: _Reader, header: QuoteHeader) -> ReportBody | TdReport:
+    """The report after the header: by TEE type for v3/v4, by the body descriptor for v5."""
+    if header.version == QUOTE_V5:
+        btype = r.u16("body.type")
+        size = r.u32("body.size")
+        want = {BODY_SGX_ENCLAVE_REPORT: (TEE_SGX, REPORT_BODY_LEN),
+                BODY_TD_REPORT10: (TEE_TDX, TD_REPORT10_LEN),
+                BODY_TD_REPORT15: (TEE_TDX, TD_REPORT15_LEN)}.get(btype)
+        if want is None:
+            raise QuoteError(f"body.type: unsupported body type {btype} "
+                             "(1 SGX, 2 TD report 1.0, 3 TD report 1.5)")
+        if want[0] != header.tee_type:
+            raise QuoteError(f"body.type: body type {btype} does not go with TEE type {header.tee_type:#x}")
+        if size != want[1]:
+            raise QuoteError(f"body.size: body type {btype} is {want[1]} bytes, declared {size}")
+    elif header.tee_type == TEE_TDX:
+        if header.version != SGX_QUOTE_V4:
+            raise QuoteError(f"header.version: a TDX quote is version 4 or 5, not {header.version}")
+        btype = BODY_TD_REPORT10
+    else:
+        btype = BODY_SGX_ENCLAVE_REPORT
+    if btype == BODY_SGX_ENCLAVE_REPORT:
+        return ReportBody.from_bytes(r.take(REPORT_BODY_LEN, "report"), "report")
+    size = TD_REPORT10_LEN if btype == BODY_TD_REPORT10 else TD_REPORT15_LEN
+    return TdReport.from_bytes(r.take(size, "td_report"), "td_report")
 
-    Strict on purpose: every declared length must match exactly (no trailing bytes anywhere), so
-    `parse_quote(b).to_bytes() == b` holds for every accepted input.
+
+def parse_quote(data: bytes) -> Quote:
+    """Parse a DCAP ECDSA-P256 quote: SGX v3, v4, v5; TDX v4, v5 (TD report 1.0 or 1.5).  Raises
+    QuoteError only.
+
+    Strict on purpose: every declared length must match exactly, and the only bytes allowed after the
+    signature data are zeros (reported as `padding`), so `parse_quote(b).to_bytes() == b` holds for
+    every accepted input.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise QuoteError("quote: must be bytes")
     data = bytes(data)
     r = _Reader(data)
     header = QuoteHeader.from_bytes(r.take(HEADER_LEN, "header"))
-    if header.tee_type != TEE_SGX:
-        if header.tee_type == TEE_TDX:
-            raise QuoteError("header.tee_type: unsupported TEE type TDX (0x81); only SGX is supported")
+    if header.tee_type not in (TEE_SGX, TEE_TDX):
         raise QuoteError(f"header.tee_type: unsupported TEE type {header.tee_type:#x}")
-    if header.version not in (SGX_QUOTE_V3, SGX_QUOTE_V4):
+    if header.version not in (SGX_QUOTE_V3, SGX_QUOTE_V4, QUOTE_V5):
         raise QuoteError(f"header.version: unsupported quote version {header.version}")
     if header.attestation_key_type != ATT_KEY_ECDSA_P256:
         raise QuoteError(f"header.attestation_key_type: unsupported attestation key type "
                          f"{header.attestation_key_type} (only ECDSA-256-with-P-256 = 2)")
-    report = ReportBody.from_bytes(r.take(REPORT_BODY_LEN, "report"), "report")
+    report = _read_body(r, header)
     sig_len = r.u32("signature_data.size")
-    if sig_len != r.rest():
+    if sig_len > r.rest():
         raise QuoteError(f"signature_data.size: declares {sig_len} bytes but {r.rest()} follow")
+    padding = r.rest() - sig_len
+    if padding and data[r.pos + sig_len:].count(0) != padding:
+        raise QuoteError(f"signature_data.size: declares {sig_len} bytes but {r.rest()} follow, and the "
+                         f"{padding} bytes after it are not zero padding")
+    r = _Reader(data[:len(data) - padding], r.pos)
     isv_sig = r.take(ECDSA_SIG_LEN, "signature_data.isv_signature")
     att_key = r.take(ECDSA_KEY_LEN, "signature_data.attestation_key")
     if header.version == SGX_QUOTE_V3:
@@ -285,8 +447,8 @@ def parse_quote(data: bytes) -> Quote:
     else:
         outer = _read_cert_data(r, "signature_data.certification_data")
         if outer.type != CERT_QE_REPORT:
-            raise QuoteError(f"signature_data.certification_data.type: v4 quote needs type 6 (QE report "
-                             f"certification data), got {outer.type}")
+            raise QuoteError(f"signature_data.certification_data.type: v{header.version} quote needs type 6 "
+                             f"(QE report certification data), got {outer.type}")
         inner = _Reader(outer.data)
         qe_report, qe_sig, auth, cert = _read_qe_part(inner, "qe_report_certification_data.")
         if inner.rest():
@@ -296,6 +458,4 @@ def parse_quote(data: bytes) -> Quote:
     if r.rest():
         raise QuoteError(f"signature_data: {r.rest()} trailing bytes after certification data")
     sig = QuoteSignatureData(isv_sig, att_key, qe_report, qe_sig, auth, cert)
-    return Quote(header, report, sig, data)
-
-
+    return Quote(header, report, sig, data, padding)

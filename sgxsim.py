@@ -22,6 +22,12 @@ TCB levels: each name in TCB_LEVEL_NAMES has its own PCK leaf whose SVNs select 
 of the sim's TCB info, so `make_quote(tcb="OutOfDate")` yields a quote a correct verifier rates
 OutOfDate.  `BELOW_ALL_LEVELS` names a platform below every level (no TCB level matches).
 
+A TD: `make_td_quote` signs TDX quotes (v4, v5 with TD report 1.0 or 1.5) on the same PCK chains,
+judged by `tdx_collateral()` (TDX TCB info v3 with a TDX 1.0 `tdxModule` and a TDX_01 module identity,
+and a TD QE identity).  Each TCB level also has TDX components (tee_tcb_svn[2] = the level's
+generation), so `td_tcb=` picks the TDX level apart from the SGX one; `module_svn=` picks the TDX_01
+module level (TDX_MODULE_LEVELS); `tee_tcb_svn_2=` on a 1.5 report reaches TDRelaunchAdvised.
+
 Helpers for tests that need *bad* collateral (`sign_json`, `make_crl`, `build_collateral`,
 `tcb_info_dict`, `qe_identity_dict`, `issue_pck_certificate`) produce real signatures by the sim's
 keys, so a mutation tests the check it aims at instead of a parse error.
@@ -29,6 +35,7 @@ keys, so a mutation tests the check it aims at instead of a parse error.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -85,6 +92,10 @@ DEFAULT_MR_SIGNER = hashlib.sha256(b"ASPS SIMULATED enclave signer").digest()
 # SGX attributes.flags: INIT (bit 0) | MODE64BIT (bit 2); DEBUG is bit 1.  xfrm = x87|SSE|AVX|...
 DEFAULT_ATTRIBUTES = bytes.fromhex("0500000000000000e700000000000000")
 DEBUG_FLAG = 0x02
+DEFAULT_MR_TD = hashlib.sha384(b"ASPS SIMULATED TD").digest()
+# TD_ATTRIBUTES: SEPT_VE_DISABLE (bit 28), as a Linux guest runs; TUD.DEBUG is bit 0
+DEFAULT_TD_ATTRIBUTES = bytes.fromhex("0000001000000000")
+TD_DEBUG_FLAG = 0x01
 
 _O = "SIMULATED - ASPS test platform, not Intel"
 
@@ -176,6 +187,38 @@ QE_TCB_LEVELS: tuple[SimQeLevel, ...] = (
     SimQeLevel(6, "2021-11-10T00:00:00Z", "OutOfDate", ("INTEL-SA-00615",)),
     SimQeLevel(2, "2019-05-15T00:00:00Z", "Revoked", ("INTEL-SA-00219", "INTEL-SA-00615")),
 )
+
+# TDX: the TD QE (same signer as the QE, its own product id), the SEAM module signer, module levels.
+TD_QE_ISV_PROD_ID = 2
+TDX_MODULE_MR_SIGNER = bytes(48)          # Intel's TDX modules are signed by MRSIGNER_SEAM = 0
+TDX_MODULE_MAJOR = 1                      # tee_tcb_svn[1]: module identity TDX_01
+
+
+@dataclass(frozen=True)
+class SimModuleLevel:
+    isv_svn: int
+    tcb_date: str
+    status: str
+    advisory_ids: tuple[str, ...]
+
+
+TDX_MODULE_LEVELS: tuple[SimModuleLevel, ...] = (
+    SimModuleLevel(6, "2024-11-13T00:00:00Z", "UpToDate", ()),
+    SimModuleLevel(4, "2024-03-13T00:00:00Z", "OutOfDate", ("INTEL-SA-01036",)),
+    SimModuleLevel(2, "2023-08-09T00:00:00Z", "Revoked", ("INTEL-SA-01036", "INTEL-SA-01099")),
+)
+TDX_MODULE_SVN_UP_TO_DATE = TDX_MODULE_LEVELS[0].isv_svn
+
+
+def _tdx_gen(level: SimTcbLevel) -> int:
+    """The TDX component (tee_tcb_svn[2]) of a level: its SGX generation (component 0)."""
+    return level.sgx_svns[0]
+
+
+def _tdx_svns(level: SimTcbLevel) -> tuple[int, ...]:
+    # bytes 0, 1: module SVN and major version (judged by the module identity when the major is > 0)
+    return (2, 0, _tdx_gen(level), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
 
 # ---------------------------------------------------------------------------------------------------
 # a tiny DER encoder (enough for the Intel SGX extension)
@@ -654,6 +697,54 @@ class SimPlatform:
             "tcbLevels": tcb_levels,
         }
 
+    def tdx_tcb_info_dict(self, *, issue: int, next_update: int | None = None,
+                          levels: Iterable[SimTcbLevel] = TCB_LEVELS,
+                          module_levels: Iterable[SimModuleLevel] = TDX_MODULE_LEVELS) -> dict[str, Any]:
+        """TDX TCB Info v3 (id "TDX") for this platform: the SGX levels with TDX components, the TDX
+        1.0 module and the TDX_01 module identity (key order as Intel's)."""
+        d = self.tcb_info_dict(issue=issue, next_update=next_update, levels=levels)
+        for entry, level in zip(d["tcbLevels"], levels, strict=True):
+            entry["tcb"]["tdxtcbcomponents"] = [{"svn": v} for v in _tdx_svns(level)]
+        module = {"mrsigner": TDX_MODULE_MR_SIGNER.hex().upper(), "attributes": "0000000000000000",
+                  "attributesMask": "FFFFFFFFFFFFFFFF"}
+        mlevels = []
+        for m in module_levels:
+            entry = {"tcb": {"isvsvn": m.isv_svn}, "tcbDate": m.tcb_date, "tcbStatus": m.status}
+            if m.advisory_ids:
+                entry["advisoryIDs"] = list(m.advisory_ids)
+            mlevels.append(entry)
+        out = {"id": "TDX"}
+        out.update({k: v for k, v in d.items() if k not in ("id", "tcbLevels")})
+        out["tdxModule"] = module
+        out["tdxModuleIdentities"] = [{"id": f"TDX_{TDX_MODULE_MAJOR:02X}", **module, "tcbLevels": mlevels}]
+        out["tcbLevels"] = d["tcbLevels"]
+        return out
+
+    def td_qe_identity_dict(self, *, issue: int, next_update: int | None = None,
+                            levels: Iterable[SimQeLevel] = QE_TCB_LEVELS) -> dict[str, Any]:
+        """TD QE Identity v2 (id "TD_QE") matching the sim's TD quoting enclave."""
+        d = self.qe_identity_dict(issue=issue, next_update=next_update, levels=levels)
+        d["id"] = "TD_QE"
+        d["isvprodid"] = TD_QE_ISV_PROD_ID
+        return d
+
+    def tdx_collateral(self, *, ca: str = "processor") -> Collateral:
+        """The current TDX collateral bundle (same CRLs and issue time as collateral(), TDX TCB info and
+        TD QE identity), signed once per CA."""
+        ca = _ca(ca)
+        sgx = self.collateral(ca=ca)
+        key = f"tdx-{ca}"
+        coll = self._collateral_cache.get(key)
+        if coll is None or coll.root_ca_crl != sgx.root_ca_crl:
+            tcb = json.loads(sgx.tcb_info)
+            issue, nxt = _iso_to_ts(tcb["issueDate"]), _iso_to_ts(tcb["nextUpdate"])
+            coll = self.build_collateral(
+                ca=ca, issue=issue, validity=nxt - issue, root_ca_crl=sgx.root_ca_crl, pck_crl=sgx.pck_crl,
+                tcb_info=self.tdx_tcb_info_dict(issue=issue, next_update=nxt),
+                qe_identity=self.td_qe_identity_dict(issue=issue, next_update=nxt))
+            self._collateral_cache[key] = coll
+        return coll
+
     def sign_json(self, obj: dict[str, Any] | str, *, key: str = "tcb_signing") -> tuple[str, bytes]:
         """Sign TCB info / QE identity as Intel does: ECDSA P-256 SHA-256 over the exact compact JSON
         string, signature as 64-byte r||s.  Returns (the signed string, signature)."""
@@ -730,8 +821,8 @@ class SimPlatform:
             raise ValueError("report_data must be exactly 64 bytes")
         if len(mr_enclave) != 32 or len(mr_signer) != 32:
             raise ValueError("mr_enclave and mr_signer must be 32 bytes")
-        if version not in (dcap_quote.SGX_QUOTE_V3, dcap_quote.SGX_QUOTE_V4):
-            raise ValueError("version must be 3 or 4")
+        if version not in (dcap_quote.SGX_QUOTE_V3, dcap_quote.SGX_QUOTE_V4, dcap_quote.QUOTE_V5):
+            raise ValueError("version must be 3, 4 or 5")
         level = _level(tcb)
         ca = _ca(ca)
         attrs = bytearray(attributes if attributes is not None else DEFAULT_ATTRIBUTES)
@@ -756,22 +847,86 @@ class SimPlatform:
             "report_data": hashlib.sha256(att_pub + qe_auth_data).digest() + bytes(32),
         }
         qe_fields.update(qe_report_overrides or {})
+        chain = pck_chain if pck_chain is not None else self.pck_chain_pem(level.name, ca)
+        return self._sign_quote(header, report, level, qe_fields, qe_auth_data, chain)
+
+    def _sign_quote(self, header: dcap_quote.QuoteHeader, report: dcap_quote.ReportBody | dcap_quote.TdReport,
+                    level: SimTcbLevel, qe_fields: dict[str, Any], qe_auth_data: bytes, chain: bytes,
+                    padding: int = 0) -> bytes:
+        """QE report signed by the level's PCK key, body signed by the attestation key, as bytes."""
+        att_key = self._keys["attestation"]
         qe_report = _report_body(**qe_fields)
         qe_sig = raw_signature(self._keys[f"pck_{level.name}"], qe_report.to_bytes())
-        chain = pck_chain if pck_chain is not None else self.pck_chain_pem(level.name, ca)
-        signed = header.to_bytes() + report.to_bytes()
-        signature = dcap_quote.QuoteSignatureData(
-            isv_signature=raw_signature(att_key, signed), attestation_key=att_pub, qe_report=qe_report,
+        unsigned = dcap_quote.QuoteSignatureData(
+            isv_signature=bytes(64), attestation_key=_raw_public_key(att_key), qe_report=qe_report,
             qe_report_signature=qe_sig, qe_auth_data=qe_auth_data,
             # Real quotes end the PEM chain with a NUL byte (a C string); so do we.
             certification_data=dcap_quote.CertificationData(dcap_quote.CERT_PCK_CHAIN, chain + b"\x00"))
-        return dcap_quote.Quote(header, report, signature).to_bytes()
+        signed = dcap_quote.Quote(header, report, unsigned).signed_bytes
+        signature = dataclasses.replace(unsigned, isv_signature=raw_signature(att_key, signed))
+        return dcap_quote.Quote(header, report, signature, padding=padding).to_bytes()
+
+    def make_td_quote(self, report_data: bytes, *, tcb: str = "UpToDate", td_tcb: str | None = None,
+                      module_svn: int = TDX_MODULE_SVN_UP_TO_DATE, module_major: int = TDX_MODULE_MAJOR,
+                      version: int = 4, td15: bool = False, tee_tcb_svn_2: bytes | None = None,
+                      mr_td: bytes = DEFAULT_MR_TD, rtmrs: tuple[bytes, ...] = (bytes(48),) * 4,
+                      debug: bool = False, td_attributes: bytes | None = None,
+                      mr_signer_seam: bytes = TDX_MODULE_MR_SIGNER, seam_attributes: bytes = bytes(8),
+                      ca: str = "processor", qe_svn: int = QE_SVN_UP_TO_DATE, padding: int = 0,
+                      qe_auth_data: bytes = QE_AUTH_DATA) -> bytes:
+        """A genuine TDX quote (v4, or v5 with a TD report 1.0 or, `td15`, 1.5) signed by this platform.
+
+        `tcb` picks the PCK leaf (SGX components, PCESVN) as in make_quote; `td_tcb` (default `tcb`)
+        the level whose TDX component goes into tee_tcb_svn[2]; `module_svn` / `module_major`
+        tee_tcb_svn[0] / [1] (major 0 = TDX 1.0, judged by tdxModule).  `tee_tcb_svn_2` (1.5 only,
+        default = tee_tcb_svn) is the TCB a relaunched TD would get.  `debug` sets TUD.DEBUG."""
+        if len(report_data) != 64:
+            raise ValueError("report_data must be exactly 64 bytes")
+        if version not in (dcap_quote.SGX_QUOTE_V4, dcap_quote.QUOTE_V5):
+            raise ValueError("a TD quote is version 4 or 5")
+        if td15 and version != dcap_quote.QUOTE_V5:
+            raise ValueError("a TD report 1.5 needs quote version 5")
+        level = _level(tcb)
+        tdx_level = _level(td_tcb or tcb)
+        ca = _ca(ca)
+        tee_tcb_svn = bytes((module_svn, module_major, _tdx_gen(tdx_level) if tdx_level is not _BELOW else 1)
+                            + (0,) * 13)
+        attrs = bytearray(td_attributes if td_attributes is not None else DEFAULT_TD_ATTRIBUTES)
+        if debug:
+            attrs[0] |= TD_DEBUG_FLAG
+        report = dcap_quote.TdReport(
+            tee_tcb_svn=tee_tcb_svn, mr_seam=hashlib.sha384(b"ASPS SIMULATED TDX module").digest(),
+            mr_signer_seam=mr_signer_seam, seam_attributes=seam_attributes, td_attributes=bytes(attrs),
+            xfam=bytes.fromhex("e718060000000000"), mr_td=mr_td, mr_config_id=bytes(48), mr_owner=bytes(48),
+            mr_owner_config=bytes(48), rtmr0=rtmrs[0], rtmr1=rtmrs[1], rtmr2=rtmrs[2], rtmr3=rtmrs[3],
+            report_data=report_data,
+            tee_tcb_svn_2=(tee_tcb_svn_2 if tee_tcb_svn_2 is not None else tee_tcb_svn) if td15 else None,
+            mr_service_td=bytes(48) if td15 else None)
+        header = dcap_quote.QuoteHeader(
+            version=version, attestation_key_type=dcap_quote.ATT_KEY_ECDSA_P256, tee_type=dcap_quote.TEE_TDX,
+            qe_svn=qe_svn, pce_svn=level.pce_svn, qe_vendor_id=dcap_quote.INTEL_QE_VENDOR_ID,
+            user_data=hashlib.sha256(self.ppid).digest()[:16] + bytes(4))
+        att_pub = _raw_public_key(self._keys["attestation"])
+        qe_fields: dict[str, Any] = {
+            "cpu_svn": level.cpu_svn, "attributes": QE_REPORT_ATTRIBUTES, "mr_enclave": QE_MR_ENCLAVE,
+            "mr_signer": QE_MR_SIGNER, "isv_prod_id": TD_QE_ISV_PROD_ID, "isv_svn": qe_svn,
+            "misc_select": QE_MISC_SELECT,
+            "report_data": hashlib.sha256(att_pub + qe_auth_data).digest() + bytes(32),
+        }
+        return self._sign_quote(header, report, level, qe_fields, qe_auth_data,
+                                self.pck_chain_pem(level.name, ca), padding)
 
     def resign_quote(self, raw: bytes) -> bytes:
         """Re-sign header || report body of an (edited) quote with the attestation key, so an edit to
         the header (version, key type, TEE type, vendor) meets the check it targets, not the ISV
         signature.  Works on bytes only: the edited quote need not be parseable."""
         signed_len = dcap_quote.HEADER_LEN + dcap_quote.REPORT_BODY_LEN
+        v5_size = int.from_bytes(raw[50:54], "little") if len(raw) >= 54 else 0
+        if int.from_bytes(raw[0:2], "little") == dcap_quote.QUOTE_V5 and v5_size in (
+                dcap_quote.REPORT_BODY_LEN, dcap_quote.TD_REPORT10_LEN, dcap_quote.TD_REPORT15_LEN):
+            signed_len = 54 + v5_size
+        elif len(raw) >= 8 and int.from_bytes(raw[4:8], "little") == dcap_quote.TEE_TDX:
+            signed_len = dcap_quote.HEADER_LEN + dcap_quote.TD_REPORT10_LEN
         sig_at = signed_len + 4
         if len(raw) < sig_at + dcap_quote.ECDSA_SIG_LEN:
             raise ValueError("quote too short to re-sign")
@@ -873,7 +1028,18 @@ class SimProvider:
 
     def __init__(self, sim_dir: str | Path, mr_enclave: bytes = DEFAULT_MR_ENCLAVE,
                  mr_signer: bytes = DEFAULT_MR_SIGNER, isv_prod_id: int = 0, isv_svn: int = 0,
-                 debug: bool = False, tcb: str = "UpToDate") -> None:
+                 debug: bool = False, tcb: str = "UpToDate", tee: str = "sgx", mr_td: bytes = DEFAULT_MR_TD,
+                 rtmrs: tuple[bytes, ...] | None = None, relaunch: bool = False) -> None:
+        """`tee="tdx"` makes TD quotes (mr_td, rtmrs, debug, tcb); `relaunch` one whose TDX TCB is
+        out of date while a relaunch would bring it up to date (TDRelaunchAdvised...)."""
+        if tee not in ("sgx", "tdx"):
+            raise ValueError(f"tee must be 'sgx' or 'tdx', not {tee!r}")
+        if rtmrs is not None and (len(rtmrs) != 4 or any(len(r) != 48 for r in rtmrs)):
+            raise ValueError("rtmrs must be four 48-byte values")
+        self.tee, self.mr_td, self.relaunch = tee, bytes(mr_td), relaunch
+        self.rtmrs = tuple(rtmrs) if rtmrs is not None else (bytes(48),) * 4
+        if tee == "tdx":
+            self.name = "sim-td"
         self.platform = SimPlatform.init(sim_dir)
         self.mr_enclave = mr_enclave
         self.mr_signer = mr_signer
@@ -886,8 +1052,19 @@ class SimProvider:
         if not isinstance(report_data, bytes | bytearray) or len(report_data) != 64:
             raise dcap_quote.ProviderError("report_data must be exactly 64 bytes")
         try:
+            if self.tee == "tdx":
+                return self._td_quote(bytes(report_data))
             return self.platform.make_quote(bytes(report_data), mr_enclave=self.mr_enclave,
                                             mr_signer=self.mr_signer, isv_prod_id=self.isv_prod_id,
                                             isv_svn=self.isv_svn, debug=self.debug, tcb=self.tcb)
         except (ValueError, dcap_quote.QuoteError) as exc:
             raise dcap_quote.ProviderError(f"sim quote generation failed: {exc}") from None
+
+    def _td_quote(self, report_data: bytes) -> bytes:
+        if not self.relaunch:
+            return self.platform.make_td_quote(report_data, tcb=self.tcb, mr_td=self.mr_td, rtmrs=self.rtmrs,
+                                               debug=self.debug)
+        latest = bytes((TDX_MODULE_SVN_UP_TO_DATE, TDX_MODULE_MAJOR, _tdx_gen(TCB_LEVELS[0]))) + bytes(13)
+        return self.platform.make_td_quote(report_data, version=5, td15=True, tcb=self.tcb,
+                                           td_tcb="OutOfDate", module_svn=4, tee_tcb_svn_2=latest,
+                                           mr_td=self.mr_td, rtmrs=self.rtmrs, debug=self.debug)

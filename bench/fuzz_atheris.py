@@ -147,8 +147,8 @@ def target(name: str) -> tuple[Callable[[bytes], None], list[bytes]]:
                 value = json.loads(data)
             except (ValueError, RecursionError):
                 return
-            with contextlib.suppress(ratls.ReferenceValuesError):
-                ratls.ReferenceValues.from_dict(value)
+            with contextlib.suppress(policy.ReferenceValuesError):
+                policy.ReferenceValues.from_dict(value)
 
         return run, [json.dumps({"mr_enclave": "00" * 32, "allowed_tcb_statuses": ["UpToDate"]}).encode()]
     if name == "policy":

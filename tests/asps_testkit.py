@@ -341,3 +341,49 @@ class HttpStandIn:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- TDs: a PCCS serving both an enclave's and a TD's collateral, and a sim TD's evidence -------------
+
+
+def pccs_for(plat: sgxsim.SimPlatform) -> HttpStandIn:
+    """A PCCS stand-in for the sim platform: the SGX API and the TDX API (TCB info, QE identity) beside
+    it, CRLs from the SGX API, shaped as PCCS shapes them; so one server verifies enclaves and TDs."""
+    import urllib.parse
+
+    sgx, tdx, fmspc, enc = plat.collateral(), plat.tdx_collateral(), plat.fmspc.hex(), urllib.parse.quote
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            q = dict(urllib.parse.parse_qsl(url.query))
+            status, body, headers = 404, b"", {}
+            for api, c in (("/sgx/certification/v4", sgx), ("/tdx/certification/v4", tdx)):
+                route = url.path[len(api):] if url.path.startswith(api) else None
+                if route == "/tcb" and q.get("fmspc") == fmspc:
+                    status = 200
+                    body = f'{{"tcbInfo":{c.tcb_info},"signature":"{c.tcb_info_signature.hex()}"}}'.encode()
+                    headers = {"TCB-Info-Issuer-Chain": enc(c.tcb_info_issuer_chain)}
+                elif route == "/qe/identity":
+                    status = 200
+                    body = (f'{{"enclaveIdentity":{c.qe_identity},'
+                            f'"signature":"{c.qe_identity_signature.hex()}"}}').encode()
+                    headers = {"SGX-Enclave-Identity-Issuer-Chain": enc(c.qe_identity_issuer_chain)}
+                elif route == "/pckcrl" and api.startswith("/sgx"):
+                    status, body = 200, c.pck_crl
+                    headers = {"SGX-PCK-CRL-Issuer-Chain": enc(c.pck_crl_issuer_chain)}
+                elif route == "/rootcacrl" and api.startswith("/sgx"):
+                    status, body = 200, c.root_ca_crl
+            send_reply(self, status, headers, body)
+
+    return HttpStandIn(Handler)
+
+
+def td_evidence(env: Env, *, fmt: str = "dice", key_type: str = "p384", **sim: Any) -> asps_client.Evidence:
+    """A sim TD's RA-TLS evidence (sgxsim.SimProvider with tee "tdx"; options mr_td, rtmrs, debug,
+    tcb, relaunch)."""
+    return asps_client.make_evidence("sim", key_type=key_type, fmt=fmt, sim_dir=str(env.sim.directory),
+                                     tee="tdx", **sim)

@@ -17,7 +17,9 @@ from dcap_collateral import Collateral
 FIELD_PREFIXES = (
     "quote",
     "header",
+    "body",
     "report",
+    "td_report",
     "signature_data",
     "qe_report_certification_data",
     "certification_data",
@@ -104,12 +106,19 @@ def test_report_fields_match_expected(samples_dir):
             assert (q.report.isv_prod_id, q.report.isv_svn) == (exp["isv_prod_id"], exp["isv_svn"])
 
 
-def test_tdx_quotes_are_refused_by_tee_type(samples_dir):
+def test_tdx_quotes_parse_to_their_expected_td_fields(samples_dir):
     tdx = sorted((samples_dir / "real-dcap" / "tdx").glob("*/quote.bin"))
     assert len(tdx) == 4
     for path in tdx:
-        err = assert_quote_error(path.read_bytes(), "header.tee_type", "TDX")
-        assert "unsupported TEE type TDX" in str(err)
+        exp = json.loads((path.parent / "expected.json").read_text())
+        q = dcap_quote.parse_quote(path.read_bytes())
+        assert q.header.tee_type == dcap_quote.TEE_TDX and q.is_td
+        assert q.version == exp["quote_version"]
+        for name in ("mr_td", "mr_seam", "tee_tcb_svn", "td_attributes", "rtmr0", "rtmr1", "rtmr2", "rtmr3",
+                     "report_data"):
+            assert getattr(q.report, name).hex() == exp[name], (path, name)
+        assert q.report.debug is exp["debug"]
+        assert q.to_bytes() == path.read_bytes()
 
 
 # --- version 4 -------------------------------------------------------------------------------------
@@ -153,7 +162,8 @@ def test_truncation_of_v4_at_every_offset_is_a_quote_error(v3):
 
 
 def test_trailing_bytes_are_refused(v3):
-    assert_quote_error(v3 + b"\0", "signature_data.size")
+    assert_quote_error(v3 + b"\1", "signature_data.size", "not zero padding")
+    assert_quote_error(v3 + bytes(5) + b"\1", "signature_data.size", "not zero padding")
     # ...also when the signature data length is bumped to cover them
     n = struct.unpack_from("<I", v3, 432)[0]
     bumped = v3[:432] + struct.pack("<I", n + 3) + v3[436:] + b"abc"
@@ -166,7 +176,7 @@ def patch(data: bytes, offset: int, fmt: str, value: int) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 5, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 1, 2, 6, 0xFFFF])
 def test_unsupported_versions(v3, version):
     assert_quote_error(patch(v3, 0, "<H", version), "header.version", str(version))
 
@@ -181,8 +191,8 @@ def test_unknown_tee_types(v3, tee):
     assert_quote_error(patch(v3, 4, "<I", tee), "header.tee_type")
 
 
-def test_tdx_tee_type_on_an_sgx_quote_names_tdx(v3):
-    assert_quote_error(patch(v3, 4, "<I", 0x81), "unsupported TEE type TDX")
+def test_tdx_tee_type_on_a_v3_quote_names_tdx(v3):
+    assert_quote_error(patch(v3, 4, "<I", 0x81), "header.version", "TDX quote is version 4 or 5")
 
 
 def cert_type_offset(q: dcap_quote.Quote) -> int:
@@ -211,7 +221,8 @@ def test_qe_auth_data_size_overflow(v3):
 
 def test_signature_data_size_mismatch(v3):
     n = struct.unpack_from("<I", v3, 432)[0]
-    assert_quote_error(patch(v3, 432, "<I", n - 1), "signature_data.size")
+    # one byte short: that byte is not zero padding, or (a NUL-terminated PEM) the chain is cut short
+    assert_quote_error(patch(v3, 432, "<I", n - 1), "signature_data")
     assert_quote_error(patch(v3, 432, "<I", 0xFFFFFFFF), "signature_data.size")
 
 

@@ -240,13 +240,6 @@ def test_intel_sample_expires(intel_root):
         dcap.verify(case.quote, case.collateral, now=r.collateral_expiry + 1)
 
 
-def test_tdx_quotes_are_a_clean_quote_error(intel_root):
-    for path in sorted((SAMPLES / "real-dcap" / "tdx").glob("*/quote.bin")):
-        coll = Collateral.from_json((path.parent / "collateral.json").read_text())
-        with pytest.raises(dcap_quote.QuoteError, match="unsupported TEE type TDX"):
-            dcap.verify(path.read_bytes(), coll, root_ca=intel_root, now=1750000000)
-
-
 def test_pck_extension_matches_dcap_qvl_parser():
     for path in CASES:
         case = load(path)
@@ -509,13 +502,16 @@ def test_qvl_rejects_crl_before_this_update(intel_root):
     assert seen >= 3
 
 
-def test_dcap_py_rejects_trailing_bytes_after_signature_data(intel_root):
+def test_dcap_py_rejects_nonzero_trailing_bytes_after_signature_data(intel_root):
     """Intel QVL (Quote::parse) and dcap-qvl both ignore bytes after the declared signature data;
-    dcap.py refuses them so that parse_quote(b).to_bytes() == b and no unsigned bytes ride along."""
+    dcap.py accepts only zeros there (the fixed-size buffers of configfs-tsm and some QGS), reports
+    them as padding, and refuses anything else, so no unsigned bytes ride along."""
     case = load(SAMPLES / "intel-sgx-v3")
-    assert qvl(case, case.quote + b"\0", root=intel_root)[0] == "ok"
-    with pytest.raises(dcap_quote.QuoteError, match="signature_data"):
-        dcap.verify(case.quote + b"\0", case.collateral, root_ca=intel_root, now=case.expected["now"])
+    assert qvl(case, case.quote + b"x", root=intel_root)[0] == "ok"
+    with pytest.raises(dcap_quote.QuoteError, match=r"signature_data.*not zero padding"):
+        dcap.verify(case.quote + b"x", case.collateral, root_ca=intel_root, now=case.expected["now"])
+    padded = dcap.verify(case.quote + bytes(7), case.collateral, root_ca=intel_root, now=case.expected["now"])
+    assert padded.quote.padding == 7 and padded.status == case.expected["status"]
 
 
 # Cases that need collateral signed differently from Intel's: the simulated platform signs them.
@@ -706,7 +702,7 @@ def test_cli_verify_failure_is_one_line_on_stderr():
         "--collateral",
         str(path / "collateral.json"),
     )
-    assert p.returncode != 0 and "TDX" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode != 0 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1
     p = run_cli("verify", "/nonexistent/quote", "--collateral", str(path / "collateral.json"))
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1
 

@@ -1,4 +1,5 @@
-"""`./run.sh demo` and `./run.sh demo vault` in a fresh copy of the working tree print the secret.
+"""`./run.sh demo`, `./run.sh demo vault` and `./run.sh demo tdx` in a fresh copy of the tree print the
+secret.
 
 The copy holds the tracked and untracked-but-not-ignored files (what a clone of the next commit
 holds); its .venv is a link to this one so that nothing is downloaded.
@@ -88,6 +89,18 @@ def test_demo_vault_prints_a_secret_from_openbao(fresh_copy):
     for log in (fresh_copy / "demo").glob("*.log"):
         assert secret not in log.read_text(), log
     assert (fresh_copy / "demo" / "policy_vault.json").stat().st_mode & 0o077 == 0
+
+
+def test_demo_tdx_prints_the_secret_to_a_simulated_td(fresh_copy):
+    done = run_demo(fresh_copy, "tdx")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Secret received: 42-cd-4b-24-f6-0f-a5-33-85-ca-03-74-0d-4b-91-d7"
+    assert "the simulated TD was attested" in done.stderr
+    assert_stopped(done.stderr)
+    log = (fresh_copy / "demo" / "server.log").read_text()
+    granted = [ln for ln in log.splitlines() if '"verdict": "granted"' in ln]
+    assert granted and '"tee": "tdx"' in granted[-1] and '"app_id": "td"' in granted[-1]
+    assert "42-cd-4b-24" not in log
 
 
 def test_run_sh_server_then_client_as_the_original(fresh_copy):

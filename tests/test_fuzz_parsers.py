@@ -4,7 +4,7 @@ UnicodeError, OverflowError, AttributeError, OSError...), and valid inputs still
 
 Targets: dcap_quote.parse_quote, dcap.verify / Verifier.verify, Collateral.from_json, parse_tcb_info,
 parse_qe_identity, PccsCollateralSource (a hostile PCCS on 127.0.0.1), ratls.verify_evidence,
-ratls.ReferenceValues.from_dict, policy.load_policy / parse_policy.
+policy.ReferenceValues.from_dict, policy.load_policy / parse_policy.
 
 CI runs a fixed, derandomized set of examples (reproducible, well under 90 s on 2 cores).  Locally,
 `HYPOTHESIS_PROFILE=long` multiplies every example count by 25 and lets Hypothesis pick new examples
@@ -1416,9 +1416,9 @@ def reference_dicts(draw) -> Any:
 @example({"mr_enclave": "0" * 64, "refused_advisories": ["\ud800"]}, "")
 @example({"mr_enclave": "\ud800" * 64}, "\ud800")
 def test_reference_values_from_dict_raises_only_reference_values_error(d, where):
-    rv = only(ratls.ReferenceValuesError, lambda: ratls.ReferenceValues.from_dict(d, where=where))
+    rv = only(policy.ReferenceValuesError, lambda: policy.ReferenceValues.from_dict(d, where=where))
     if rv is not None:
-        assert ratls.ReferenceValues.from_dict(rv.to_dict()) == rv
+        assert policy.ReferenceValues.from_dict(rv.to_dict()) == rv
 
 
 @fuzz(200)
@@ -1431,16 +1431,16 @@ def test_reference_values_from_dict_raises_only_reference_values_error(d, where)
             "min_isv_svn": st.integers(0, 65535),
             "allow_debug": st.booleans(),
             "allowed_tcb_statuses": st.lists(
-                st.sampled_from(ratls.ALLOWABLE_TCB_STATUSES), min_size=1, max_size=3
+                st.sampled_from(policy.ALLOWABLE_TCB_STATUSES), min_size=1, max_size=3
             ),
             "refused_advisories": st.lists(st.from_regex(r"INTEL-SA-\d{5}", fullmatch=True), max_size=3),
         },
     )
 )
 def test_valid_reference_values_load(d):
-    rv = ratls.ReferenceValues.from_dict(d)
+    rv = policy.ReferenceValues.from_dict(d)
     assert rv.mr_enclave == bytes.fromhex(d["mr_enclave"])
-    assert ratls.ReferenceValues.from_dict(json.loads(json.dumps(rv.to_dict()))) == rv
+    assert policy.ReferenceValues.from_dict(json.loads(json.dumps(rv.to_dict()))) == rv
 
 
 # ------------------------------------------------------------------------------------------------

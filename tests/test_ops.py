@@ -132,14 +132,18 @@ def test_metrics_scraped_over_http_count_every_decision(env, bao):
 
         m = scrape(port)
         att = "asps_attestations_total"
-        assert value(m, att, protocol="asps.v1", result="granted", code="OK", step="none") == 3
-        assert value(m, att, protocol="asps.v1", result="refused", code="UNAUTHENTICATED", step="token") == 1
+
+        def v1(**labels: str) -> float:
+            return value(m, att, protocol="asps.v1", **labels)
+
+        assert v1(result="granted", code="OK", step="none", tee="sgx") == 3
+        assert v1(result="refused", code="UNAUTHENTICATED", step="token", tee="none") == 1
         assert (
-            value(m, att, protocol="asps.v1", result="refused", code="PERMISSION_DENIED", step="policy") == 1
+            v1(result="refused", code="PERMISSION_DENIED", step="policy", tee="sgx") == 1
         )
-        assert value(m, att, protocol="asps.v1", result="refused", code="NOT_FOUND", step="policy") == 1
-        assert value(m, att, protocol="asps.v1", result="refused", code="NOT_FOUND", step="kms") == 1
-        assert value(m, att, protocol="asps.v1", result="refused", code="UNAVAILABLE", step="kms") == 1
+        assert v1(result="refused", code="NOT_FOUND", step="policy", tee="sgx") == 1
+        assert v1(result="refused", code="NOT_FOUND", step="kms", tee="sgx") == 1
+        assert v1(result="refused", code="UNAVAILABLE", step="kms", tee="sgx") == 1
         assert sum(m[att].values()) == 8
         # latency histogram: one observation per decision, granted ones in their own series
         hist = "asps_get_secrets_duration_seconds"
@@ -274,7 +278,8 @@ def test_soak_small_zero_errors_and_bounded_rss(env, bao, tmp_path):
     )
     assert dict(result.results) == {"OK": 1500}
     assert (
-        value(m, "asps_attestations_total", protocol="asps.v1", result="granted", code="OK", step="none")
+        value(m, "asps_attestations_total", protocol="asps.v1", result="granted", code="OK", step="none",
+              tee="sgx")
         == 1500
     )
     assert value(m, "asps_kms_requests_total", result="ok") == 1500

@@ -692,7 +692,7 @@ def test_get_provider_sim(sim_platform):
 
 
 @pytest.mark.parametrize(("name", "options", "message"), [
-    ("sgx", {}, r"unknown quote provider 'sgx' \(choose one of occlum, gramine, sim\)"),
+    ("sgx", {}, r"unknown quote provider 'sgx' \(choose one of occlum, gramine, tdx, sim\)"),
     ("occlum", {"root": "/x"}, r"occlum provider: unknown option\(s\) root"),
     ("gramine", {"device": "/x"}, r"gramine provider: unknown option\(s\) device"),
     (None, {"colour": "red"}, r"unknown provider option\(s\) for detection: colour"),

@@ -20,6 +20,7 @@ from der_writer import oid_raw, seq, tlv
 import attester
 import dcap
 import dcap_quote
+import policy as policy_mod
 import ratls
 import ratls_attest
 from dcap_collateral import Collateral
@@ -162,10 +163,10 @@ def gram(provider):
     return ratls_attest.make_certificate(provider(isv_prod_id=7, isv_svn=3), fmt="gramine")
 
 
-def policy(**kw) -> ratls.ReferenceValues:
+def policy(**kw) -> policy_mod.ReferenceValues:
     d = {"mr_enclave": MR_ENCLAVE.hex(), "mr_signer": MR_SIGNER.hex()}
     d.update(kw)
-    return ratls.ReferenceValues.from_dict(d)
+    return policy_mod.ReferenceValues.from_dict(d)
 
 
 def ext_value(cert_der: bytes, oid: str) -> bytes:
@@ -202,7 +203,7 @@ def test_round_trip(provider, verifier, fmt, key_type):
     # short validity: one hour after issue (notBefore back-dated one minute for clock skew)
     assert before - 61 <= ident.not_before <= before and ident.not_after - ident.not_before == 3660
     assert ident.collateral_expiry > time.time()
-    assert policy(isv_prod_id=3, min_isv_svn=9).appraise(ident) == ratls.Decision(True, None)
+    assert policy(isv_prod_id=3, min_isv_svn=9).appraise(ident) == policy_mod.Decision(True, None)
     # PEM input is accepted too
     assert ratls.verify_evidence(ratls_attest.cert_to_pem(der), verifier).mr_enclave == MR_ENCLAVE
 
@@ -532,7 +533,7 @@ def test_certificate_dates_are_not_genuineness(provider, verifier):
 def test_debug_enclave_refused(provider, verifier):
     ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(debug=True))[0], verifier)
     assert ident.debug is True
-    assert policy().appraise(ident) == ratls.Decision(False, "debug enclave refused")
+    assert policy().appraise(ident) == policy_mod.Decision(False, "debug enclave refused")
     assert policy(allow_debug=True).appraise(ident).accepted
 
 
@@ -540,16 +541,16 @@ def test_debug_enclave_refused(provider, verifier):
 def test_disallowed_tcb_status(provider, verifier, status):
     ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(tcb=status))[0], verifier)
     assert ident.tcb_status == status
-    expected = ratls.Decision(False, f"TCB status {status} not allowed for app 2")
+    expected = policy_mod.Decision(False, f"TCB status {status} not allowed for app 2")
     assert policy().appraise(ident, app="2") == expected
     assert policy(allowed_tcb_statuses=["UpToDate", status]).appraise(ident).accepted
 
 
 def test_revoked_never_allowed(provider, verifier):
-    with pytest.raises(ratls.ReferenceValuesError, match=r"^allowed_tcb_statuses: Revoked can never be"):
+    with pytest.raises(policy_mod.ReferenceValuesError, match=r"^allowed_tcb_statuses: Revoked can never be"):
         policy(allowed_tcb_statuses=["UpToDate", "Revoked"])
-    with pytest.raises(ratls.ReferenceValuesError, match="Revoked"):
-        ratls.ReferenceValues(mr_enclave=MR_ENCLAVE, allowed_tcb_statuses=frozenset({"Revoked"}))
+    with pytest.raises(policy_mod.ReferenceValuesError, match="Revoked"):
+        policy_mod.ReferenceValues(mr_enclave=MR_ENCLAVE, allowed_tcb_statuses=frozenset({"Revoked"}))
     # a Revoked platform is refused whatever else the policy allows
     try:
         ident = ratls.verify_evidence(ratls_attest.make_certificate(provider(tcb="Revoked"))[0], verifier)
@@ -560,9 +561,9 @@ def test_revoked_never_allowed(provider, verifier):
             tcb_status="Revoked"
         )
     assert ident.tcb_status == "Revoked"
-    everything = [s for s in ratls.ALLOWABLE_TCB_STATUSES]
+    everything = [s for s in policy_mod.ALLOWABLE_TCB_STATUSES]
     decision = policy(allowed_tcb_statuses=everything, allow_debug=True).appraise(ident)
-    assert decision == ratls.Decision(False, "TCB status Revoked is never allowed")
+    assert decision == policy_mod.Decision(False, "TCB status Revoked is never allowed")
 
 
 def test_advisories(provider, verifier):
@@ -573,12 +574,12 @@ def test_advisories(provider, verifier):
     # advisories alone never refuse
     assert policy(allowed_tcb_statuses=allow).appraise(ident).accepted
     d = policy(allowed_tcb_statuses=allow, refused_advisories=["INTEL-SA-00615"]).appraise(ident)
-    assert d == ratls.Decision(False, "advisory INTEL-SA-00615 refused by policy")
+    assert d == policy_mod.Decision(False, "advisory INTEL-SA-00615 refused by policy")
     assert policy(allowed_tcb_statuses=allow, refused_advisories=["INTEL-SA-00999"]).appraise(ident).accepted
     d = policy(allowed_tcb_statuses=allow, accepted_advisories=["INTEL-SA-00999"]).appraise(ident)
     assert not d.accepted and "INTEL-SA-00615" in d.reason and "accepted advisories" in d.reason
     assert policy(allowed_tcb_statuses=allow, accepted_advisories=["intel-sa-00615"]).appraise(ident).accepted
-    with pytest.raises(ratls.ReferenceValuesError, match="not both"):
+    with pytest.raises(policy_mod.ReferenceValuesError, match="not both"):
         policy(refused_advisories=["A"], accepted_advisories=["B"])
 
 
@@ -588,17 +589,17 @@ def test_measurements_exact(p256, verifier):
     # last byte differs
     near = MR_ENCLAVE[:-1] + bytes([MR_ENCLAVE[-1] ^ 1])
     d = policy(mr_enclave=near.hex()).appraise(ident, app="2")
-    assert d == ratls.Decision(False, f"mr_enclave {MR_ENCLAVE.hex()} not in policy for app 2")
+    assert d == policy_mod.Decision(False, f"mr_enclave {MR_ENCLAVE.hex()} not in policy for app 2")
     assert d.reason.startswith("mr_enclave 3f2a")
     d = policy(mr_signer="00" * 32).appraise(ident)
     assert not d.accepted and d.reason.startswith("mr_signer 5e5e")
     d = policy(isv_prod_id=8).appraise(ident)
-    assert d == ratls.Decision(False, "isv_prod_id 7 is not the policy's 8")
+    assert d == policy_mod.Decision(False, "isv_prod_id 7 is not the policy's 8")
     d = policy(min_isv_svn=4).appraise(ident)
-    assert d == ratls.Decision(False, "isv_svn 3 below the policy's minimum 4")
+    assert d == policy_mod.Decision(False, "isv_svn 3 below the policy's minimum 4")
     # uppercase hex is the same value; mr_signer alone is enough
     assert policy(mr_enclave=MR_ENCLAVE.hex().upper()).appraise(ident).accepted
-    assert ratls.ReferenceValues.from_dict({"mr_signer": MR_SIGNER.hex()}).appraise(ident).accepted
+    assert policy_mod.ReferenceValues.from_dict({"mr_signer": MR_SIGNER.hex()}).appraise(ident).accepted
     assert policy().matches_identity(ident)
     assert not policy(mr_enclave=near.hex()).matches_identity(ident)
     # min_isv_svn and debug are appraisal, not identity
@@ -624,8 +625,8 @@ def test_measurements_exact(p256, verifier):
 def test_bad_measurement_hex_is_a_load_error(value, needle):
     for name in ("mr_enclave", "mr_signer"):
         d = {"mr_enclave": MR_ENCLAVE.hex(), name: value}
-        with pytest.raises(ratls.ReferenceValuesError, match=needle) as ei:
-            ratls.ReferenceValues.from_dict(d, where="apps[2]")
+        with pytest.raises(policy_mod.ReferenceValuesError, match=needle) as ei:
+            policy_mod.ReferenceValues.from_dict(d, where="apps[2]")
         assert str(ei.value).startswith(f"apps[2]: {name}: ")
 
 
@@ -649,21 +650,21 @@ def test_bad_measurement_hex_is_a_load_error(value, needle):
     ],
 )
 def test_reference_values_strict(d, field):
-    with pytest.raises(ratls.ReferenceValuesError) as ei:
-        ratls.ReferenceValues.from_dict(d, where="app 2")
+    with pytest.raises(policy_mod.ReferenceValuesError) as ei:
+        policy_mod.ReferenceValues.from_dict(d, where="app 2")
     assert str(ei.value).startswith(f"app 2: {field}")
 
 
 def test_reference_values_round_trip_and_defaults():
-    rv = ratls.ReferenceValues.from_dict({"mr_enclave": MR_ENCLAVE.hex().upper()})
+    rv = policy_mod.ReferenceValues.from_dict({"mr_enclave": MR_ENCLAVE.hex().upper()})
     assert rv.mr_enclave == MR_ENCLAVE and rv.mr_signer is None
     assert rv.allow_debug is False and rv.allowed_tcb_statuses == frozenset({"UpToDate"})
     assert rv.refused_advisories is None and rv.accepted_advisories is None
     full = policy(isv_prod_id=1, min_isv_svn=2, allowed_tcb_statuses=["OutOfDate", "UpToDate"],
                   refused_advisories=["INTEL-SA-00615"])
-    assert ratls.ReferenceValues.from_dict(json.loads(json.dumps(full.to_dict()))) == full
-    with pytest.raises(ratls.ReferenceValuesError):
-        ratls.ReferenceValues.from_dict(["not", "a", "dict"])
+    assert policy_mod.ReferenceValues.from_dict(json.loads(json.dumps(full.to_dict()))) == full
+    with pytest.raises(policy_mod.ReferenceValuesError):
+        policy_mod.ReferenceValues.from_dict(["not", "a", "dict"])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -698,19 +699,19 @@ def test_rats_rs_certificate(rats_rs):
 
     # appraisal: a debug enclave is refused by default ...
     in_window = ident.not_before + 30  # the certificate lived for one minute in April 2024
-    rv = ratls.ReferenceValues.from_dict(
+    rv = policy_mod.ReferenceValues.from_dict(
         {"mr_enclave": expected["mr_enclave"], "allowed_tcb_statuses": _allowable_for(ident.tcb_status)}
     )
-    assert rv.appraise(ident, now=in_window) == ratls.Decision(False, "debug enclave refused")
+    assert rv.appraise(ident, now=in_window) == policy_mod.Decision(False, "debug enclave refused")
     # ... accepted with allow_debug and the matching mr_enclave, while the certificate is valid ...
     rv_debug = dataclasses.replace(rv, allow_debug=True)
-    assert rv_debug.appraise(ident, now=in_window) == ratls.Decision(True, None)
+    assert rv_debug.appraise(ident, now=in_window) == policy_mod.Decision(True, None)
     # ... and expired at the time its collateral was valid
     assert rv_debug.appraise(ident, now=now).reason.startswith("certificate expired")
 
 
 def _allowable_for(status: str) -> list[str]:
-    assert status in ratls.ALLOWABLE_TCB_STATUSES, status
+    assert status in policy_mod.ALLOWABLE_TCB_STATUSES, status
     return sorted({"UpToDate", status})
 
 

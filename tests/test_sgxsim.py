@@ -337,7 +337,7 @@ def test_make_quote_refuses_bad_arguments(sim_platform):
     with pytest.raises(ValueError, match="unknown sim TCB level"):
         sim_platform.make_quote(bytes(64), tcb="Fine")
     with pytest.raises(ValueError, match="version"):
-        sim_platform.make_quote(bytes(64), version=5)
+        sim_platform.make_quote(bytes(64), version=6)
 
 
 def test_sim_provider(sim_platform):
