@@ -8,13 +8,15 @@ evidence, so the client side costs one ECDSA signature and one HPKE open per att
 Servers (subprocesses, so their CPU time and peak RSS can be read from /proc):
   asps      asps_server.py with a simulated SGX root, a JSON (or --kms vault: local OpenBao) KMS
   ceiling   a bare gRPC-over-TLS server in Python answering the same two RPCs with no work (a fixed
-            token, fixed sealed bytes): the most this machine gives this traffic shape in Python
+            token, fixed sealed bytes): the most this machine gives this traffic shape in Python.
+            Served as ASPS serves: grpc.aio on an event-loop thread, GetSecrets through a thread pool
 
 Both get the same process layout (--replicas, --workers) and thread count.  Loopback only; every
 level is bounded by --duration seconds and --max-requests attestations.
 
 Usage:  .venv/bin/python bench/bench_server.py [--callers 1,8,32] [--duration 5] [--workers N]
                                                [--replicas N] [--kms json|vault] [--json]
+                                               [--server-script OLD/asps_server.py]
 """
 
 from __future__ import annotations
@@ -226,10 +228,7 @@ class Server:
 
 def ceiling_main(argv: list[str]) -> int:
     """The bare server: same TLS, same message limits and thread count, a fixed answer to each RPC."""
-    import grpc
 
-    import asps_pb2
-    import asps_pb2_grpc
 
     ap = argparse.ArgumentParser()
     for opt in ("--host", "--cert", "--key", "--reply-file"):
@@ -259,30 +258,57 @@ def ceiling_main(argv: list[str]) -> int:
             c.wait()
         return 0
 
+    return asyncio_ceiling(args, token, sealed)
+
+
+def asyncio_ceiling(args: argparse.Namespace, token: bytes, sealed: bytes) -> int:
+    """Served the way asps_server.py serves (issue 11): a grpc.aio server on an event loop that runs
+    on a thread of its own, GetChallenge answered on the loop, GetSecrets handed to a pool of
+    --threads threads (where ASPS verifies, reads the KMS and seals) which returns the fixed answer."""
+    import asyncio
+
+    import grpc
+
+    import asps_pb2
+    import asps_pb2_grpc
+
+    pool = futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="ceiling")
+
+    def fixed_reply() -> tuple[str, bytes]:
+        return "1", sealed
+
     class Bare(asps_pb2_grpc.SecretProvisionServicer):
-        def GetChallenge(self, request, context):
+        async def GetChallenge(self, request, context):
             return asps_pb2.Challenge(token=token, expires_at=2**40)
 
-        def GetSecrets(self, request, context):
-            return asps_pb2.SecretsReply(app_id="1", sealed=sealed)
+        async def GetSecrets(self, request, context):
+            app_id, reply = await asyncio.wrap_future(pool.submit(fixed_reply))
+            return asps_pb2.SecretsReply(app_id=app_id, sealed=reply)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.threads),
-        options=[
-            ("grpc.max_receive_message_length", 256 * 1024),
-            ("grpc.so_reuseport", 1 if args.reuse else 0),
-        ],
-        maximum_concurrent_rpcs=max(64, args.threads * 16),
-    )
-    asps_pb2_grpc.add_SecretProvisionServicer_to_server(Bare(), server)
-    creds = grpc.ssl_server_credentials([(Path(args.key).read_bytes(), Path(args.cert).read_bytes())])
-    server.add_secure_port(args.host, creds)
-    server.start()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="ceiling-loop", daemon=True).start()
+
+    async def start() -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 256 * 1024),
+                ("grpc.so_reuseport", 1 if args.reuse else 0),
+            ],
+            maximum_concurrent_rpcs=max(64, args.threads * 16),
+        )
+        asps_pb2_grpc.add_SecretProvisionServicer_to_server(Bare(), server)
+        creds = grpc.ssl_server_credentials([(Path(args.key).read_bytes(), Path(args.cert).read_bytes())])
+        server.add_secure_port(args.host, creds)
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     print(f"ceiling listening on {args.host}", flush=True)
     done.wait()
-    server.stop(1).wait()
+    asyncio.run_coroutine_threadsafe(server.stop(1), loop).result(10)
+    pool.shutdown(wait=False)
     return 0
 
 
@@ -382,7 +408,7 @@ def start_servers(kind: str, setup: Setup, args: argparse.Namespace, token_key: 
         if kind.startswith("asps"):
             argv = [
                 sys.executable,
-                str(REPO / "asps_server.py"),
+                str(args.server_script),
                 "--host",
                 f"127.0.0.1:{port}",
                 "--cert",
@@ -548,6 +574,13 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="extra asps_server.py argument (repeatable), e.g. --server-arg=--evidence-cache=0",
+    )
+    ap.add_argument(
+        "--server-script",
+        type=Path,
+        default=REPO / "asps_server.py",
+        help="the asps_server.py to run (e.g. an older commit's, for a before/after table; it "
+        "imports kms.py and the rest from its own directory)",
     )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
