@@ -340,7 +340,7 @@ class Setup:
     bao: Any = None
 
 
-def make_setup(tmp: Path, kms: str) -> Setup:
+def make_setup(tmp: Path, kms: str, cache_ttl: float = 0) -> Setup:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -364,6 +364,8 @@ def make_setup(tmp: Path, kms: str) -> Setup:
         bao.read_policy("app1", "occlum/1/*")
         app |= {"app_token": bao.create_token(["app1"]), "secrets": {"master_key": "occlum/1/image_key"}}
         doc = {"kms": "vault", "addr": bao.addr, "auth_method": "token", "app_list": [app]}
+        if cache_ttl:  # the opt-in value cache (policy field cache_ttl; off by default)
+            doc["cache_ttl"] = cache_ttl
     else:
         doc = {"kms": "none", "app_list": [app | {"secrets": {"master_key": SECRET_VALUE}}]}
     policy = tmp / "policy.json"
@@ -565,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=16, help="request threads per server process")
     ap.add_argument("--kms", choices=("json", "vault"), default="json")
     ap.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=0,
+        help="with --kms vault: the policy's cache_ttl (seconds a value read is kept; default 0: off)",
+    )
+    ap.add_argument(
         "--servers",
         default="asps,ceiling",
         help="which servers to run: asps, asps-nocache (--evidence-cache 0), ceiling (default %(default)s)",
@@ -590,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     load_at_start = os.getloadavg()[0]  # a shared machine's other work shows here
     with tempfile.TemporaryDirectory(prefix="bench-asps-") as tmpdir:
-        setup = make_setup(Path(tmpdir), args.kms)
+        setup = make_setup(Path(tmpdir), args.kms, args.cache_ttl)
         try:
             evidence = [make_evidence(setup, args.evidence_per_caller) for _ in range(max(levels))]
             token_key = secrets.token_hex(32)
@@ -621,8 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
         return 0
+    cache_note = f" cache_ttl={args.cache_ttl:g}" if args.cache_ttl else ""
     print(
-        f"ASPS vs ceiling: {args.kms} KMS, replicas={args.replicas} workers={args.workers} "
+        f"ASPS vs ceiling: {args.kms} KMS{cache_note}, replicas={args.replicas} workers={args.workers} "
         f"threads={args.threads}, {args.duration:g} s per level, nproc={os.cpu_count()}, "
         f"load average {load_at_start:.1f} at start"
     )
