@@ -1002,9 +1002,10 @@ class HttpTransport(Protocol):
 class Urllib3Transport:
     """urllib3 connection pools used directly: one per node and TLS client certificate (none for
     reads, the cert login's own), each keeping up to ``maxsize`` connections. Verifies TLS against
-    ``ca_file`` or the system's trust store; reads no proxy or CA settings from the environment
-    (secret traffic is not re-routed). A pool per node rather than a PoolManager: the manager's
-    URL parsing and pool-key building cost more CPU per request than the rest of the client."""
+    ``ca_file``, else the bundle requests used (certifi's, when installed), else the system's trust
+    store; reads no proxy or CA settings from the environment (secret traffic is not re-routed).
+    A pool per node rather than a PoolManager: the manager's URL parsing and pool-key building
+    cost more CPU per request than the rest of the client."""
 
     def __init__(self, ca_file: str | None = None, *, maxsize: int = 32) -> None:
         self.ca_file = ca_file
@@ -1021,8 +1022,9 @@ class Urllib3Transport:
                     tls: dict[str, Any] = {}
                     if origin.startswith("https://"):
                         tls["cert_reqs"] = "CERT_REQUIRED"
-                        if self.ca_file:
-                            tls["ca_certs"] = self.ca_file
+                        ca_certs = self.ca_file or _default_ca_bundle()
+                        if ca_certs:
+                            tls["ca_certs"] = ca_certs
                         if cert is not None:
                             tls["cert_file"], tls["key_file"] = cert
                     pool = urllib3.connection_from_url(
@@ -1130,6 +1132,15 @@ class RequestsTransport:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _default_ca_bundle() -> str | None:
+    """certifi's CA bundle, which requests trusted by default (an image may lack a system store)."""
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return certifi.where()
 
 
 def _failure_kind(exc: BaseException) -> str:

@@ -174,3 +174,13 @@ def test_urllib3_transport_failures_are_named(tmp_path: Path) -> None:
     out = transport.request("GET", url, headers=headers, body=None, cert=None, timeout=(1, 1))
     assert isinstance(out, kms._Failure) and out.retryable and "Connection refused" in out.problem
     transport.close()
+
+
+def test_urllib3_transport_trusts_what_requests_trusted(tmp_path: Path) -> None:
+    """No ca_file: certifi's bundle, as requests' verify=True; with one: only that file."""
+    certifi = pytest.importorskip("certifi")
+    assert Urllib3Transport()._pool("https://127.0.0.1:1", None).ca_certs == certifi.where()
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    pool = Urllib3Transport(str(ca))._pool("https://127.0.0.1:1", None)
+    assert pool.ca_certs == str(ca) and pool.cert_reqs == "CERT_REQUIRED"
