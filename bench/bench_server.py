@@ -471,6 +471,7 @@ class Row:
     server_cpu_ms_per_att: float
     peak_rss_mib: float
     first_error: str = ""
+    kms_cpu_ms_per_att: float = float("nan")  # OpenBao's own CPU (--kms vault, asps rows), same cores
 
 
 def run_level(
@@ -505,7 +506,9 @@ def run_level(
     for _ in procs:
         ready.get(timeout=120)
     pids = [p for s in servers for p in s.pids()]
-    cpu0 = cpu_seconds(pids)
+    bao_pid = setup.bao.pid if setup.bao is not None and kind.startswith("asps") else None
+    kms_pids = proc_tree(bao_pid) if bao_pid else []
+    cpu0, kms_cpu0 = cpu_seconds(pids), cpu_seconds(kms_pids)
     go.set()
     lat: list[float] = []
     errs: list[str] = []
@@ -516,6 +519,7 @@ def run_level(
         errs += got_errs
         wall = max(wall, got_wall)
     cpu = cpu_seconds(pids) - cpu0
+    kms_cpu = cpu_seconds(kms_pids) - kms_cpu0
     for p in procs:
         p.join(timeout=30)
     lat.sort()
@@ -536,6 +540,7 @@ def run_level(
         cpu / n * 1000 if n else float("nan"),
         round(peak_rss_mib(pids), 1),
         errs[0] if errs else "",
+        kms_cpu / n * 1000 if n and kms_pids else float("nan"),
     )
 
 
@@ -651,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
         a, b = by.get(("asps", c)), by.get(("ceiling", c))
         if a and b and b.rate:
             print(f"ratio ASPS/ceiling at {c:2} callers: {a.rate / b.rate:.2f}")
+    for r in rows:
+        if r.kms_cpu_ms_per_att == r.kms_cpu_ms_per_att:  # not NaN
+            where = f"{r.server}, {r.callers} callers"
+            print(f"OpenBao CPU per attestation ({where}): {r.kms_cpu_ms_per_att:.2f} ms")
     for r in rows:
         if r.first_error:
             print(f"first error ({r.server}, {r.callers} callers): {r.first_error}")
