@@ -402,6 +402,13 @@ def make_evidence(setup: Setup, count: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _profiler(args: argparse.Namespace) -> list[str]:
+    """The prefix that runs the server under bench/cprofile_threads.py (--profile-server), or none."""
+    if not args.profile_server:
+        return []
+    return [str(REPO / "bench" / "cprofile_threads.py"), str(args.profile_server)]
+
+
 def start_servers(kind: str, setup: Setup, args: argparse.Namespace, token_key: str) -> list[Server]:
     servers = []
     for r in range(args.replicas):
@@ -410,6 +417,7 @@ def start_servers(kind: str, setup: Setup, args: argparse.Namespace, token_key: 
         if kind.startswith("asps"):
             argv = [
                 sys.executable,
+                *_profiler(args),
                 str(args.server_script),
                 "--host",
                 f"127.0.0.1:{port}",
@@ -594,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / "asps_server.py",
         help="the asps_server.py to run (e.g. an older commit's, for a before/after table; it "
         "imports kms.py and the rest from its own directory)",
+    )
+    ap.add_argument(
+        "--profile-server",
+        type=Path,
+        help="write a CPU profile of every server thread to this file (bench/cprofile_threads.py); "
+        "slows the server down: for where the time goes, not for rates",
     )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
