@@ -81,6 +81,7 @@ TOP_KEYS = frozenset(
         "app_list",
         "ca_file",
         "timeout",
+        "cache_ttl",
         "secrets_file",
     }
 )
@@ -382,6 +383,10 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
         timeout = data.get("timeout", 5.0)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 120:
             raise PolicyError(f"{where}: field 'timeout' must be seconds between 0 and 120")
+        cache_ttl = data.get("cache_ttl", 0)  # seconds a value read is kept in memory; 0: never
+        ttl_ok = isinstance(cache_ttl, int | float) and not isinstance(cache_ttl, bool)
+        if not ttl_ok or not 0 <= cache_ttl <= 86400:
+            raise PolicyError(f"{where}: field 'cache_ttl' must be seconds between 0 (off) and 86400")
 
         def vault_agent(app_where: str, app: Mapping[str, Any], _inline: Mapping[str, str]) -> kms.KmsAgent:
             login = _vault_login(app_where, app, method, nodes, base_dir, warnings)
@@ -410,6 +415,7 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
                     ca_file=ca_file,
                     timeout=float(timeout),
                     deadline=deadline,
+                    cache_ttl=float(cache_ttl),
                 )
             except (kms.KmsError, ValueError) as e:  # ValueError: an address urllib cannot split
                 field_name = "'auth'" if login is not None else "'app_token'"

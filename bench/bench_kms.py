@@ -4,7 +4,8 @@ Why: a secret read is on every GetSecrets, and the server's CPU is the bottlenec
 matters is the CPU a read costs the ASPS process (held under the GIL), then its latency. Each client
 reads the same KV v1 secret from one real OpenBao on 127.0.0.1 over one kept-alive connection:
 
-  asps-agent    kms.VaultAgent.get: what the server does today (mount cache, deadline, retries)
+  asps-agent    kms.VaultAgent.get: what the server does (urllib3; mount cache, deadline, retries)
+  agent+reqs    the same agent over a requests.Session (session=): the transport before issue 11
   requests      a bare requests.Session GET + JSON decode: the floor for anything built on requests
   urllib3       a bare urllib3 HTTPConnectionPool GET + JSON decode (requests' own transport)
   http.client   the standard library's HTTPConnection: the floor in Python
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
         agent = kms.VaultAgent(bao.addr, token)
         rows.append(_measure("asps-agent", lambda: agent.get("occlum/1/s0"), args.n, expect))
+        # the agent as it was before issue 11 (a requests.Session): still accepted as session=
+        old_session = requests.Session()
+        old_session.trust_env = False
+        old_agent = kms.VaultAgent(bao.addr, token, session=old_session)
+        rows.append(_measure("agent+reqs", lambda: old_agent.get("occlum/1/s0"), args.n, expect))
 
         session = requests.Session()
         session.trust_env = False

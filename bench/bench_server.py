@@ -8,13 +8,15 @@ evidence, so the client side costs one ECDSA signature and one HPKE open per att
 Servers (subprocesses, so their CPU time and peak RSS can be read from /proc):
   asps      asps_server.py with a simulated SGX root, a JSON (or --kms vault: local OpenBao) KMS
   ceiling   a bare gRPC-over-TLS server in Python answering the same two RPCs with no work (a fixed
-            token, fixed sealed bytes): the most this machine gives this traffic shape in Python
+            token, fixed sealed bytes): the most this machine gives this traffic shape in Python.
+            Served as ASPS serves: grpc.aio on an event-loop thread, GetSecrets through a thread pool
 
 Both get the same process layout (--replicas, --workers) and thread count.  Loopback only; every
 level is bounded by --duration seconds and --max-requests attestations.
 
 Usage:  .venv/bin/python bench/bench_server.py [--callers 1,8,32] [--duration 5] [--workers N]
                                                [--replicas N] [--kms json|vault] [--json]
+                                               [--server-script OLD/asps_server.py]
 """
 
 from __future__ import annotations
@@ -226,10 +228,7 @@ class Server:
 
 def ceiling_main(argv: list[str]) -> int:
     """The bare server: same TLS, same message limits and thread count, a fixed answer to each RPC."""
-    import grpc
 
-    import asps_pb2
-    import asps_pb2_grpc
 
     ap = argparse.ArgumentParser()
     for opt in ("--host", "--cert", "--key", "--reply-file"):
@@ -259,30 +258,57 @@ def ceiling_main(argv: list[str]) -> int:
             c.wait()
         return 0
 
+    return asyncio_ceiling(args, token, sealed)
+
+
+def asyncio_ceiling(args: argparse.Namespace, token: bytes, sealed: bytes) -> int:
+    """Served the way asps_server.py serves (issue 11): a grpc.aio server on an event loop that runs
+    on a thread of its own, GetChallenge answered on the loop, GetSecrets handed to a pool of
+    --threads threads (where ASPS verifies, reads the KMS and seals) which returns the fixed answer."""
+    import asyncio
+
+    import grpc
+
+    import asps_pb2
+    import asps_pb2_grpc
+
+    pool = futures.ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="ceiling")
+
+    def fixed_reply() -> tuple[str, bytes]:
+        return "1", sealed
+
     class Bare(asps_pb2_grpc.SecretProvisionServicer):
-        def GetChallenge(self, request, context):
+        async def GetChallenge(self, request, context):
             return asps_pb2.Challenge(token=token, expires_at=2**40)
 
-        def GetSecrets(self, request, context):
-            return asps_pb2.SecretsReply(app_id="1", sealed=sealed)
+        async def GetSecrets(self, request, context):
+            app_id, reply = await asyncio.wrap_future(pool.submit(fixed_reply))
+            return asps_pb2.SecretsReply(app_id=app_id, sealed=reply)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.threads),
-        options=[
-            ("grpc.max_receive_message_length", 256 * 1024),
-            ("grpc.so_reuseport", 1 if args.reuse else 0),
-        ],
-        maximum_concurrent_rpcs=max(64, args.threads * 16),
-    )
-    asps_pb2_grpc.add_SecretProvisionServicer_to_server(Bare(), server)
-    creds = grpc.ssl_server_credentials([(Path(args.key).read_bytes(), Path(args.cert).read_bytes())])
-    server.add_secure_port(args.host, creds)
-    server.start()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="ceiling-loop", daemon=True).start()
+
+    async def start() -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 256 * 1024),
+                ("grpc.so_reuseport", 1 if args.reuse else 0),
+            ],
+            maximum_concurrent_rpcs=max(64, args.threads * 16),
+        )
+        asps_pb2_grpc.add_SecretProvisionServicer_to_server(Bare(), server)
+        creds = grpc.ssl_server_credentials([(Path(args.key).read_bytes(), Path(args.cert).read_bytes())])
+        server.add_secure_port(args.host, creds)
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     print(f"ceiling listening on {args.host}", flush=True)
     done.wait()
-    server.stop(1).wait()
+    asyncio.run_coroutine_threadsafe(server.stop(1), loop).result(10)
+    pool.shutdown(wait=False)
     return 0
 
 
@@ -314,7 +340,7 @@ class Setup:
     bao: Any = None
 
 
-def make_setup(tmp: Path, kms: str) -> Setup:
+def make_setup(tmp: Path, kms: str, cache_ttl: float = 0) -> Setup:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -338,6 +364,8 @@ def make_setup(tmp: Path, kms: str) -> Setup:
         bao.read_policy("app1", "occlum/1/*")
         app |= {"app_token": bao.create_token(["app1"]), "secrets": {"master_key": "occlum/1/image_key"}}
         doc = {"kms": "vault", "addr": bao.addr, "auth_method": "token", "app_list": [app]}
+        if cache_ttl:  # the opt-in value cache (policy field cache_ttl; off by default)
+            doc["cache_ttl"] = cache_ttl
     else:
         doc = {"kms": "none", "app_list": [app | {"secrets": {"master_key": SECRET_VALUE}}]}
     policy = tmp / "policy.json"
@@ -374,6 +402,13 @@ def make_evidence(setup: Setup, count: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _profiler(args: argparse.Namespace) -> list[str]:
+    """The prefix that runs the server under bench/cprofile_threads.py (--profile-server), or none."""
+    if not args.profile_server:
+        return []
+    return [str(REPO / "bench" / "cprofile_threads.py"), str(args.profile_server)]
+
+
 def start_servers(kind: str, setup: Setup, args: argparse.Namespace, token_key: str) -> list[Server]:
     servers = []
     for r in range(args.replicas):
@@ -382,7 +417,8 @@ def start_servers(kind: str, setup: Setup, args: argparse.Namespace, token_key: 
         if kind.startswith("asps"):
             argv = [
                 sys.executable,
-                str(REPO / "asps_server.py"),
+                *_profiler(args),
+                str(args.server_script),
                 "--host",
                 f"127.0.0.1:{port}",
                 "--cert",
@@ -443,6 +479,7 @@ class Row:
     server_cpu_ms_per_att: float
     peak_rss_mib: float
     first_error: str = ""
+    kms_cpu_ms_per_att: float = float("nan")  # OpenBao's own CPU (--kms vault, asps rows), same cores
 
 
 def run_level(
@@ -477,7 +514,9 @@ def run_level(
     for _ in procs:
         ready.get(timeout=120)
     pids = [p for s in servers for p in s.pids()]
-    cpu0 = cpu_seconds(pids)
+    bao_pid = setup.bao.pid if setup.bao is not None and kind.startswith("asps") else None
+    kms_pids = proc_tree(bao_pid) if bao_pid else []
+    cpu0, kms_cpu0 = cpu_seconds(pids), cpu_seconds(kms_pids)
     go.set()
     lat: list[float] = []
     errs: list[str] = []
@@ -488,6 +527,7 @@ def run_level(
         errs += got_errs
         wall = max(wall, got_wall)
     cpu = cpu_seconds(pids) - cpu0
+    kms_cpu = cpu_seconds(kms_pids) - kms_cpu0
     for p in procs:
         p.join(timeout=30)
     lat.sort()
@@ -508,6 +548,7 @@ def run_level(
         cpu / n * 1000 if n else float("nan"),
         round(peak_rss_mib(pids), 1),
         errs[0] if errs else "",
+        kms_cpu / n * 1000 if n and kms_pids else float("nan"),
     )
 
 
@@ -539,6 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=16, help="request threads per server process")
     ap.add_argument("--kms", choices=("json", "vault"), default="json")
     ap.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=0,
+        help="with --kms vault: the policy's cache_ttl (seconds a value read is kept; default 0: off)",
+    )
+    ap.add_argument(
         "--servers",
         default="asps,ceiling",
         help="which servers to run: asps, asps-nocache (--evidence-cache 0), ceiling (default %(default)s)",
@@ -549,6 +596,19 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra asps_server.py argument (repeatable), e.g. --server-arg=--evidence-cache=0",
     )
+    ap.add_argument(
+        "--server-script",
+        type=Path,
+        default=REPO / "asps_server.py",
+        help="the asps_server.py to run (e.g. an older commit's, for a before/after table; it "
+        "imports kms.py and the rest from its own directory)",
+    )
+    ap.add_argument(
+        "--profile-server",
+        type=Path,
+        help="write a CPU profile of every server thread to this file (bench/cprofile_threads.py); "
+        "slows the server down: for where the time goes, not for rates",
+    )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.callers.split(",") if x]
@@ -557,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     load_at_start = os.getloadavg()[0]  # a shared machine's other work shows here
     with tempfile.TemporaryDirectory(prefix="bench-asps-") as tmpdir:
-        setup = make_setup(Path(tmpdir), args.kms)
+        setup = make_setup(Path(tmpdir), args.kms, args.cache_ttl)
         try:
             evidence = [make_evidence(setup, args.evidence_per_caller) for _ in range(max(levels))]
             token_key = secrets.token_hex(32)
@@ -588,8 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
         return 0
+    cache_note = f" cache_ttl={args.cache_ttl:g}" if args.cache_ttl else ""
     print(
-        f"ASPS vs ceiling: {args.kms} KMS, replicas={args.replicas} workers={args.workers} "
+        f"ASPS vs ceiling: {args.kms} KMS{cache_note}, replicas={args.replicas} workers={args.workers} "
         f"threads={args.threads}, {args.duration:g} s per level, nproc={os.cpu_count()}, "
         f"load average {load_at_start:.1f} at start"
     )
@@ -609,6 +670,10 @@ def main(argv: list[str] | None = None) -> int:
         a, b = by.get(("asps", c)), by.get(("ceiling", c))
         if a and b and b.rate:
             print(f"ratio ASPS/ceiling at {c:2} callers: {a.rate / b.rate:.2f}")
+    for r in rows:
+        if r.kms_cpu_ms_per_att == r.kms_cpu_ms_per_att:  # not NaN
+            where = f"{r.server}, {r.callers} callers"
+            print(f"OpenBao CPU per attestation ({where}): {r.kms_cpu_ms_per_att:.2f} ms")
     for r in rows:
         if r.first_error:
             print(f"first error ({r.server}, {r.callers} callers): {r.first_error}")

@@ -48,4 +48,4 @@ def test_the_policy_builds_its_agents_through_the_factory(tmp_path: Path, monkey
                                            "secrets": {"k": "kv/data/k"}}]})
     assert isinstance(vault.apps[0].agent, kms.VaultAgent)
     assert [kind for kind, _ in made] == ["none", "json", "vault"]
-    assert made[2][1] == ("addr", "auth", "ca_file", "deadline", "timeout", "token")
+    assert made[2][1] == ("addr", "auth", "ca_file", "cache_ttl", "deadline", "timeout", "token")
