@@ -13,7 +13,6 @@ Gramine image is enough; no verifier, collateral, policy, KMS, simulator or serv
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -23,7 +22,6 @@ import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -562,7 +560,8 @@ def _read_ca(ca: bytes | str | None) -> bytes | None:
     if ca is None or isinstance(ca, bytes):
         return ca
     try:
-        return Path(ca).read_bytes()
+        with open(ca, "rb") as f:  # open, not pathlib: pathlib is not worth loading for one read
+            return f.read()
     except OSError as e:
         raise UsageError(f"--ca {ca}: {e.strerror}") from None
 
@@ -730,6 +729,8 @@ SIM_PLATFORM_FILE = "platform.json"  # what sgxsim.SimPlatform keeps in its dire
 def _provider_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.provider != "sim":
         return {}
+    from pathlib import Path  # the simulated platform's directory: the "sim" provider only
+
     sim_dir = Path(args.sim_dir)
     if not args.sim_init and not (sim_dir / SIM_PLATFORM_FILE).is_file():
         # A typo would otherwise make a new platform, whose quotes match no server's root and collateral.
@@ -762,6 +763,8 @@ def _printable(value: bytes) -> str:
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
+        import base64  # only a value that is not UTF-8 needs it
+
         return "base64:" + base64.b64encode(value).decode()
     return text
 

@@ -14,16 +14,20 @@ simulated provider raises the same class without importing this module).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import stat
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dcap_quote import ProviderError, QuoteError, parse_quote
+
+# Cold start (issue 12): ctypes loads only with the Occlum provider (its ioctl structures), pathlib
+# only with the Gramine and TDX providers, which walk their pseudo-file trees.
+if TYPE_CHECKING:
+    import ctypes
+    from pathlib import Path
 
 
 class QuoteProvider(Protocol):
@@ -92,14 +96,33 @@ def ioc_size(request: int) -> int:
     return (request >> 16) & 0x3FFF
 
 
-class GenDcapQuoteArg(ctypes.Structure):
-    """Occlum's IoctlGenDCAPQuoteArg: three pointers, 24 bytes on x86_64."""
+_occlum_structs: dict[str, type[ctypes.Structure]] = {}
 
-    _fields_ = (
-        ("report_data", ctypes.c_void_p),  # const sgx_report_data_t* (64 bytes), input
-        ("quote_size", ctypes.c_void_p),  # uint32_t*, input: buffer length
-        ("quote_buf", ctypes.c_void_p),  # uint8_t*, output
-    )
+
+def _occlum_ioctl_structs() -> dict[str, type[ctypes.Structure]]:
+    """Occlum's ioctl argument layouts, made on first use: ctypes loads with the Occlum provider only."""
+    if not _occlum_structs:
+        import ctypes
+
+        class GenDcapQuoteArg(ctypes.Structure):
+            """Occlum's IoctlGenDCAPQuoteArg: three pointers, 24 bytes on x86_64."""
+
+            _fields_ = (
+                ("report_data", ctypes.c_void_p),  # const sgx_report_data_t* (64 bytes), input
+                ("quote_size", ctypes.c_void_p),  # uint32_t*, input: buffer length
+                ("quote_buf", ctypes.c_void_p),  # uint8_t*, output
+            )
+
+        GenDcapQuoteArg.__module__, GenDcapQuoteArg.__qualname__ = __name__, "GenDcapQuoteArg"
+        _occlum_structs["GenDcapQuoteArg"] = GenDcapQuoteArg
+    return _occlum_structs
+
+
+def __getattr__(name: str) -> Any:
+    """`attester.GenDcapQuoteArg` still names the layout; it is built when first asked for (PEP 562)."""
+    if name == "GenDcapQuoteArg":
+        return _occlum_ioctl_structs()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_ioctl_layouts(*layouts: tuple[type[ctypes.Structure], int]) -> None:
@@ -107,6 +130,8 @@ def check_ioctl_layouts(*layouts: tuple[type[ctypes.Structure], int]) -> None:
 
     Checked when a provider is made, not at import, so a 32-bit host can still import attester.
     """
+    import ctypes
+
     for arg, request in layouts:
         if ctypes.sizeof(arg) != ioc_size(request):
             raise ProviderError(f"occlum: {arg.__name__} is {ctypes.sizeof(arg)} bytes here, the ioctl "
@@ -120,7 +145,7 @@ class OcclumProvider:
 
     def __init__(self, device: str | os.PathLike[str] = OCCLUM_DEVICE, *,
                  ioctl: IoctlFn = fcntl.ioctl) -> None:
-        check_ioctl_layouts((GenDcapQuoteArg, SGXIOC_GEN_DCAP_QUOTE))
+        check_ioctl_layouts((_occlum_ioctl_structs()["GenDcapQuoteArg"], SGXIOC_GEN_DCAP_QUOTE))
         self.device = str(device)
         self._ioctl = ioctl
 
@@ -139,6 +164,8 @@ class OcclumProvider:
             os.close(fd)
 
     def _u32(self, request: int, label: str) -> int:
+        import ctypes
+
         out = ctypes.c_uint32(0)
         self._call(request, label, out)
         return out.value
@@ -150,12 +177,15 @@ class OcclumProvider:
         return size
 
     def get_quote(self, report_data: bytes) -> bytes:
+        import ctypes
+
         report_data = _check_report_data(report_data)
         size = self.quote_size()
         rd = ctypes.create_string_buffer(report_data, REPORT_DATA_SIZE)
         size_io = ctypes.c_uint32(size)
         buf = ctypes.create_string_buffer(size)
-        arg = GenDcapQuoteArg(ctypes.addressof(rd), ctypes.addressof(size_io), ctypes.addressof(buf))
+        gen_arg = _occlum_ioctl_structs()["GenDcapQuoteArg"]
+        arg = gen_arg(ctypes.addressof(rd), ctypes.addressof(size_io), ctypes.addressof(buf))
         self._call(SGXIOC_GEN_DCAP_QUOTE, "GEN_DCAP_QUOTE", arg)
         # Occlum fills exactly GET_DCAP_QUOTE_SIZE bytes; honour a smaller size if it writes one back.
         if size_io.value > size:
@@ -175,6 +205,8 @@ class GramineProvider:
     name = "gramine"
 
     def __init__(self, root: str | os.PathLike[str] = GRAMINE_ROOT) -> None:
+        from pathlib import Path
+
         self.root = Path(root)
 
     def attestation_type(self) -> str:
@@ -230,6 +262,8 @@ class TdxProvider:
 
     def __init__(self, root: str | os.PathLike[str] = TSM_REPORT_ROOT, *,
                  mkdir: Callable[[str], None] = os.mkdir) -> None:
+        from pathlib import Path
+
         self.root = Path(root)
         self._mkdir = mkdir
 

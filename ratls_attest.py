@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import cbor2
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -87,14 +86,22 @@ def pubkey_hash(public_key: PublicKey) -> bytes:
     return hashlib.sha256(spki_der(public_key)).digest()
 
 
+# cbor2 loads with the first DICE evidence (formats "gramine" and "dice"), not with the module: an
+# enclave making "cczoo" certificates never needs it (issue 12, cold start).
+
+
 def dice_claims(public_key: PublicKey) -> bytes:
     """Serialized claims map {"pubkey-hash": bstr(serialized [1, sha256(SPKI)])}, as Gramine writes it."""
+    import cbor2
+
     hash_entry = cbor2.dumps([IANA_HASH_SHA256, pubkey_hash(public_key)])
     return cbor2.dumps({CLAIM_PUBKEY_HASH: hash_entry})
 
 
 def dice_evidence(quote: bytes, claims: bytes) -> bytes:
     """CBOR tag 60000 wrapping [quote, claims], both byte strings."""
+    import cbor2
+
     return cbor2.dumps(cbor2.CBORTag(CBOR_TAG_SGX_QUOTE, [quote, claims]))
 
 

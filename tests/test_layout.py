@@ -109,6 +109,32 @@ def test_import_asps_client_loads_exactly_the_enclave_side():
     assert sum(lines.values()) <= ENCLAVE_LINE_BUDGET, lines
 
 
+# Issue 12 (cold start): modules only some enclaves need load with the path that needs them, not with
+# `import asps_client`: ctypes with the Occlum provider (its ioctl layout), pathlib with the Gramine and
+# TDX providers (their pseudo-file trees), cbor2 with DICE evidence ("gramine" and "dice" formats).
+PATH_ONLY_MODULES = ("ctypes", "pathlib", "cbor2")
+
+
+def test_path_only_modules_load_with_their_path_not_with_the_import():
+    code = (
+        "import json, sys\n"
+        f"names = {PATH_ONLY_MODULES!r}\n"
+        "import asps_client, attester, ratls_attest\n"
+        "print(json.dumps([n for n in names if n in sys.modules]))\n"
+        "from cryptography.hazmat.primitives.asymmetric import ec\n"
+        "ratls_attest.dice_claims(ec.generate_private_key(ec.SECP256R1()).public_key())\n"
+        "attester.OcclumProvider('/nonexistent/sgx', ioctl=lambda *a: None)\n"
+        "attester.GramineProvider('/nonexistent/attestation')\n"
+        "print(json.dumps([n for n in names if n in sys.modules]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    at_import, after_paths = (json.loads(line) for line in proc.stdout.splitlines())
+    assert at_import == []
+    assert after_paths == list(PATH_ONLY_MODULES)
+
+
 def test_enclave_side_code_imports_nothing_from_the_tenant_side():
     """Not even inside a function: a lazy `import dcap` in the client would still drag the verifier in."""
     graph = import_graph()
