@@ -1059,8 +1059,27 @@ TD_REFERENCE_VALUE_KEYS = (
 )
 
 
+class _Appraisable:
+    """What an enclave's and a TD's reference values do alike with their ``identity_checks`` (which
+    pick the app) and ``other_checks``."""
+
+    def identity_checks(self) -> list[Check]:
+        raise NotImplementedError
+
+    def other_checks(self) -> list[Check]:
+        raise NotImplementedError
+
+    def matches_identity(self, identity: AppraisedIdentity) -> bool:
+        """Identity match only (the TEE and the pinned measurements/ids): used to pick the app."""
+        return AllOf(tuple(self.identity_checks())).verify(identity).success
+
+    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
+        """Accept only when every check passes; the first refusal is the reason."""
+        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)
+
+
 @dataclass(frozen=True)
-class ReferenceValues:
+class ReferenceValues(_Appraisable):
     """What one app's enclave must be. Constructed values are validated just like loaded ones.
 
     ``mr_enclave``/``mr_signer``: the exact 32-byte values (None: not checked; at least one is set).
@@ -1134,17 +1153,9 @@ class ReferenceValues:
     def identity_key(self) -> tuple[object, ...]:
         return (self.mr_enclave, self.mr_signer, self.isv_prod_id)
 
-    def matches_identity(self, identity: AppraisedIdentity) -> bool:
-        """Identity match only (TEE, mr_enclave, mr_signer, isv_prod_id): used to pick the app."""
-        return AllOf(tuple(self.identity_checks())).verify(identity).success
-
-    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
-        """Accept only when every check passes; the first refusal is the reason."""
-        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)
-
 
 @dataclass(frozen=True)
-class TdReferenceValues:
+class TdReferenceValues(_Appraisable):
     """What one app's TD must be: mr_td exactly, and each other pinned TD report field exactly
     (mr_config_id, mr_owner, mr_owner_config, rtmr0-3, xfam, td_attributes); tee_tcb_svn at least
     ``min_tee_tcb_svn`` component-wise.  ``allow_debug`` (TUD.DEBUG), TCB statuses (the TD relaunch
@@ -1217,9 +1228,3 @@ class TdReferenceValues:
     @property
     def identity_key(self) -> tuple[object, ...]:
         return ("tdx", *((n, getattr(self, n)) for n in self._pinned()))
-
-    def matches_identity(self, identity: AppraisedIdentity) -> bool:
-        return AllOf(tuple(self.identity_checks())).verify(identity).success
-
-    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
-        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)
