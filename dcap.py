@@ -38,6 +38,7 @@ import operator
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -698,6 +699,19 @@ class TcbInfo:
         return None
 
 
+def _tcb_levels(d: dict, p: str, *, required: bool) -> Iterator[tuple[str, dict, dict]]:
+    """Each entry of d["tcbLevels"] as (its path, the level object, its "tcb" object), checked to be
+    objects; `required` refuses an empty list (TCB info and TDX module identities need a level)."""
+    raw_levels = _field(d, "tcbLevels", list, p)
+    if required and not raw_levels:
+        raise CollateralError(f"{p}.tcbLevels: empty")
+    for i, lv in enumerate(raw_levels):  # type: ignore[arg-type]
+        lp = f"{p}.tcbLevels[{i}]"
+        if not isinstance(lv, dict):
+            raise CollateralError(f"{lp}: must be an object")
+        yield lp, lv, _field(lv, "tcb", dict, lp)  # type: ignore[misc]
+
+
 def parse_tcb_info(text: str) -> TcbInfo:
     """TCB info v3 ({"id": "SGX", "tcbLevels": [{"tcb": {"sgxtcbcomponents": [...], "pcesvn"}}]}) or v2
     ({"tcb": {"sgxtcbcomp01svn".."sgxtcbcomp16svn", "pcesvn"}}).  CollateralError names the field."""
@@ -711,14 +725,7 @@ def parse_tcb_info(text: str) -> TcbInfo:
     else:
         raise CollateralError(f"{p}.version: unsupported TCB info version {version}")
     levels = []
-    raw_levels = _field(d, "tcbLevels", list, p)
-    if not raw_levels:
-        raise CollateralError(f"{p}.tcbLevels: empty")
-    for i, lv in enumerate(raw_levels):  # type: ignore[arg-type]
-        lp = f"{p}.tcbLevels[{i}]"
-        if not isinstance(lv, dict):
-            raise CollateralError(f"{lp}: must be an object")
-        tcb = _field(lv, "tcb", dict, lp)
+    for lp, lv, tcb in _tcb_levels(d, p, required=True):
         if version == 3:
             comps = _field(tcb, "sgxtcbcomponents", list, f"{lp}.tcb")
             if len(comps) != 16 or not all(isinstance(c, dict) for c in comps):  # type: ignore[arg-type]
@@ -794,14 +801,7 @@ def _tdx_module_identity(d: object, p: str, *, levels: bool) -> TdxModuleIdentit
         raise CollateralError(f"{p}: must be an object")
     out = []
     if levels:
-        raw_levels = _field(d, "tcbLevels", list, p)
-        if not raw_levels:
-            raise CollateralError(f"{p}.tcbLevels: empty")
-        for i, lv in enumerate(raw_levels):  # type: ignore[arg-type]
-            lp = f"{p}.tcbLevels[{i}]"
-            if not isinstance(lv, dict):
-                raise CollateralError(f"{lp}: must be an object")
-            tcb = _field(lv, "tcb", dict, lp)
+        for lp, lv, tcb in _tcb_levels(d, p, required=True):
             date = lv.get("tcbDate", "")
             isv = _svn(tcb.get("isvsvn"), f"{lp}.tcb.isvsvn", 255)  # type: ignore[union-attr]
             out.append(TdxModuleLevel(isv, _status_field(lv, lp), _advisories(lv, lp),
@@ -851,12 +851,7 @@ def parse_qe_identity(text: str) -> QeIdentity:
     if version != 2:
         raise CollateralError(f"{p}.version: unsupported QE identity version {version}")
     levels = []
-    raw_levels = _field(d, "tcbLevels", list, p)
-    for i, lv in enumerate(raw_levels):  # type: ignore[arg-type]
-        lp = f"{p}.tcbLevels[{i}]"
-        if not isinstance(lv, dict):
-            raise CollateralError(f"{lp}: must be an object")
-        tcb = _field(lv, "tcb", dict, lp)
+    for lp, lv, tcb in _tcb_levels(d, p, required=False):
         levels.append(QeTcbLevel(_svn(tcb.get("isvsvn"), f"{lp}.tcb.isvsvn", 0xFFFF),  # type: ignore[union-attr]
                                  _status_field(lv, lp), _advisories(lv, lp)))
     return QeIdentity(

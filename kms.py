@@ -1062,15 +1062,12 @@ class Urllib3Transport:
                 assert_same_host=False,
             )
         except urllib3.exceptions.SSLError as exc:
-            if "timed out" not in str(exc):
-                # A certificate problem will not fix itself: no retry, and it is not "unavailable".
-                return _Failure(_short(exc), retryable=False, tls=True)
-            return _Failure(f"TLS handshake: {_short(exc)}")
+            return _tls_failure(exc)
         except (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError) as exc:
             # NewConnectionError (refused, unresolvable) is a TimeoutError subclass in urllib3 2.
             return _Failure(f"{_failure_kind(exc)}: {_short(exc)}")
         except urllib3.exceptions.HTTPError as exc:
-            raise KmsError(f"request to {_origin(url)} failed: {type(exc).__name__}: {_short(exc)}") from None
+            raise _request_error(url, exc) from None
         except OSError as exc:  # e.g. a client certificate or key that ssl cannot load
             return _Failure(f"{type(exc).__name__}: {_short(exc)}", retryable=False, tls=True)
         return HttpReply(reply.status, reply.headers, reply.data)
@@ -1113,9 +1110,7 @@ class RequestsTransport:
                 allow_redirects=False,
             )
         except requests.exceptions.SSLError as exc:
-            if "timed out" not in str(exc):
-                return _Failure(_short(exc), retryable=False, tls=True)
-            return _Failure(f"TLS handshake: {_short(exc)}")
+            return _tls_failure(exc)
         except (
             requests.ConnectionError,
             requests.Timeout,
@@ -1123,7 +1118,7 @@ class RequestsTransport:
         ) as exc:
             return _Failure(f"{type(exc).__name__}: {_short(exc)}")
         except requests.RequestException as exc:
-            raise KmsError(f"request to {_origin(url)} failed: {type(exc).__name__}: {_short(exc)}") from None
+            raise _request_error(url, exc) from None
         except ValueError as exc:
             # requests parses a redirect's Location even when not following it, and urlsplit refuses
             # e.g. "http://[::1": the node answered, but with a redirect that leads nowhere.
@@ -1132,6 +1127,19 @@ class RequestsTransport:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _tls_failure(exc: BaseException) -> _Failure:
+    """A TLS error from either transport: a handshake that timed out may be retried elsewhere."""
+    if "timed out" not in str(exc):
+        # A certificate problem will not fix itself: no retry, and it is not "unavailable".
+        return _Failure(_short(exc), retryable=False, tls=True)
+    return _Failure(f"TLS handshake: {_short(exc)}")
+
+
+def _request_error(url: str, exc: BaseException) -> KmsError:
+    """A client-library error that is neither an answer nor a network failure (a bad URL, say)."""
+    return KmsError(f"request to {_origin(url)} failed: {type(exc).__name__}: {_short(exc)}")
 
 
 def _default_ca_bundle() -> str | None:

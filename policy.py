@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import dcap
 import kms
@@ -994,6 +994,33 @@ def _common_to_dict(rv: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _parse_common(rv: Any, allowable: tuple[str, ...]) -> None:
+    """Validate (and normalise in place) what an enclave's and a TD's reference values share."""
+    _parse_bool(rv.allow_debug, "allow_debug")
+    statuses = _parse_tcb_statuses(rv.allowed_tcb_statuses, "allowed_tcb_statuses", allowable)
+    object.__setattr__(rv, "allowed_tcb_statuses", statuses)
+    _parse_advisories(rv)
+
+
+_RV = TypeVar("_RV")
+
+
+def _construct(cls: type[_RV], kw: dict[str, Any], where: str) -> _RV:
+    """``cls(**kw)``, its error prefixed with where in the policy the values stand."""
+    try:
+        return cls(**kw)
+    except ReferenceValuesError as e:
+        raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _common_checks(rv: Any, checks: list[Check], what: str) -> list[Check]:
+    """``checks``, then debug (unless allowed; ``what`` names the TEE), TCB status and advisories."""
+    if not rv.allow_debug:
+        checks.append(NotDebug(what))
+    return [*checks, TcbStatusAllowed(rv.allowed_tcb_statuses),
+            Advisories(rv.refused_advisories, rv.accepted_advisories)]
+
+
 def _check_keys(d: object, keys: tuple[str, ...], where: str) -> Mapping[str, Any]:
     if not isinstance(d, dict):
         raise ReferenceValuesError(f"{where or 'reference values'}: must be an object")
@@ -1032,8 +1059,27 @@ TD_REFERENCE_VALUE_KEYS = (
 )
 
 
+class _Appraisable:
+    """What an enclave's and a TD's reference values do alike with their ``identity_checks`` (which
+    pick the app) and ``other_checks``."""
+
+    def identity_checks(self) -> list[Check]:
+        raise NotImplementedError
+
+    def other_checks(self) -> list[Check]:
+        raise NotImplementedError
+
+    def matches_identity(self, identity: AppraisedIdentity) -> bool:
+        """Identity match only (the TEE and the pinned measurements/ids): used to pick the app."""
+        return AllOf(tuple(self.identity_checks())).verify(identity).success
+
+    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
+        """Accept only when every check passes; the first refusal is the reason."""
+        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)
+
+
 @dataclass(frozen=True)
-class ReferenceValues:
+class ReferenceValues(_Appraisable):
     """What one app's enclave must be. Constructed values are validated just like loaded ones.
 
     ``mr_enclave``/``mr_signer``: the exact 32-byte values (None: not checked; at least one is set).
@@ -1062,10 +1108,7 @@ class ReferenceValues:
         for name in ("isv_prod_id", "min_isv_svn"):
             if getattr(self, name) is not None:
                 _parse_u16(getattr(self, name), name)
-        _parse_bool(self.allow_debug, "allow_debug")
-        statuses = _parse_tcb_statuses(self.allowed_tcb_statuses, "allowed_tcb_statuses")
-        object.__setattr__(self, "allowed_tcb_statuses", statuses)
-        _parse_advisories(self)
+        _parse_common(self, ALLOWABLE_TCB_STATUSES)
 
     @classmethod
     def from_dict(cls, d: object, *, where: str = "") -> ReferenceValues:
@@ -1074,10 +1117,7 @@ class ReferenceValues:
         kw = {n: parse_hex(d[n], _field(where, n)) for n in ("mr_enclave", "mr_signer") if n in d}
         kw |= {n: _parse_u16(d[n], _field(where, n)) for n in ("isv_prod_id", "min_isv_svn") if n in d}
         kw |= _common_from_dict(d, where, ALLOWABLE_TCB_STATUSES)
-        try:
-            return cls(**kw)
-        except ReferenceValuesError as e:
-            raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
+        return _construct(cls, kw, where)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -1102,10 +1142,7 @@ class ReferenceValues:
 
     def other_checks(self) -> list[Check]:
         checks: list[Check] = [] if self.min_isv_svn is None else [MinIsvSvn(self.min_isv_svn)]
-        if not self.allow_debug:
-            checks.append(NotDebug("enclave"))
-        return [*checks, TcbStatusAllowed(self.allowed_tcb_statuses),
-                Advisories(self.refused_advisories, self.accepted_advisories)]
+        return _common_checks(self, checks, "enclave")
 
     @property
     def specificity(self) -> tuple[int, ...]:
@@ -1116,17 +1153,9 @@ class ReferenceValues:
     def identity_key(self) -> tuple[object, ...]:
         return (self.mr_enclave, self.mr_signer, self.isv_prod_id)
 
-    def matches_identity(self, identity: AppraisedIdentity) -> bool:
-        """Identity match only (TEE, mr_enclave, mr_signer, isv_prod_id): used to pick the app."""
-        return AllOf(tuple(self.identity_checks())).verify(identity).success
-
-    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
-        """Accept only when every check passes; the first refusal is the reason."""
-        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)
-
 
 @dataclass(frozen=True)
-class TdReferenceValues:
+class TdReferenceValues(_Appraisable):
     """What one app's TD must be: mr_td exactly, and each other pinned TD report field exactly
     (mr_config_id, mr_owner, mr_owner_config, rtmr0-3, xfam, td_attributes); tee_tcb_svn at least
     ``min_tee_tcb_svn`` component-wise.  ``allow_debug`` (TUD.DEBUG), TCB statuses (the TD relaunch
@@ -1159,11 +1188,7 @@ class TdReferenceValues:
         if self.min_tee_tcb_svn is not None:
             object.__setattr__(self, "min_tee_tcb_svn",
                                parse_hex(self.min_tee_tcb_svn, "min_tee_tcb_svn", TEE_TCB_SVN_SIZE))
-        _parse_bool(self.allow_debug, "allow_debug")
-        statuses = _parse_tcb_statuses(self.allowed_tcb_statuses, "allowed_tcb_statuses",
-                                       ALLOWABLE_TD_TCB_STATUSES)
-        object.__setattr__(self, "allowed_tcb_statuses", statuses)
-        _parse_advisories(self)
+        _parse_common(self, ALLOWABLE_TD_TCB_STATUSES)
 
     @classmethod
     def from_dict(cls, d: object, *, where: str = "") -> TdReferenceValues:
@@ -1177,10 +1202,7 @@ class TdReferenceValues:
             kw["min_tee_tcb_svn"] = parse_hex(d["min_tee_tcb_svn"], _field(where, "min_tee_tcb_svn"),
                                               TEE_TCB_SVN_SIZE)
         kw |= _common_from_dict(d, where, ALLOWABLE_TD_TCB_STATUSES)
-        try:
-            return cls(**kw)
-        except ReferenceValuesError as e:
-            raise ReferenceValuesError(f"{where}: {e}" if where else str(e)) from None
+        return _construct(cls, kw, where)
 
     def to_dict(self) -> dict[str, Any]:
         out = {n: v.hex() for n in (*TD_MEASUREMENTS, "min_tee_tcb_svn")
@@ -1196,10 +1218,7 @@ class TdReferenceValues:
 
     def other_checks(self) -> list[Check]:
         checks: list[Check] = [] if self.min_tee_tcb_svn is None else [MinTeeTcbSvn(self.min_tee_tcb_svn)]
-        if not self.allow_debug:
-            checks.append(NotDebug("TD"))
-        return [*checks, TcbStatusAllowed(self.allowed_tcb_statuses),
-                Advisories(self.refused_advisories, self.accepted_advisories)]
+        return _common_checks(self, checks, "TD")
 
     @property
     def specificity(self) -> tuple[int, ...]:
@@ -1209,9 +1228,3 @@ class TdReferenceValues:
     @property
     def identity_key(self) -> tuple[object, ...]:
         return ("tdx", *((n, getattr(self, n)) for n in self._pinned()))
-
-    def matches_identity(self, identity: AppraisedIdentity) -> bool:
-        return AllOf(tuple(self.identity_checks())).verify(identity).success
-
-    def appraise(self, identity: AppraisedIdentity, *, now: int | None = None, app: str = "") -> Decision:
-        return _appraise(self.identity_checks(), self.other_checks(), identity, now, app)

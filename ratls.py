@@ -617,12 +617,7 @@ def _reference_values_from_args(args: argparse.Namespace) -> Any:
         d["isv_prod_id"] = args.isv_prod_id
     if args.min_isv_svn is not None:
         d["min_isv_svn"] = args.min_isv_svn
-    if args.allow_tcb:
-        d["allowed_tcb_statuses"] = sorted({TCB_UP_TO_DATE, *args.allow_tcb})
-    if args.refuse_advisory:
-        d["refused_advisories"] = args.refuse_advisory
-    if args.accept_advisory:
-        d["accepted_advisories"] = args.accept_advisory
+    _add_tcb_args(d, args)
     return policy.ReferenceValues.from_dict(d)
 
 
@@ -638,13 +633,18 @@ def _td_reference_values_from_args(args: argparse.Namespace) -> Any:
         if index not in ("0", "1", "2", "3"):
             raise policy.ReferenceValuesError(f"--rtmr: give N=HEX with N 0..3, not {spec[:8]!r}")
         d[f"rtmr{index}"] = value
+    _add_tcb_args(d, args)
+    return policy.TdReferenceValues.from_dict(d)
+
+
+def _add_tcb_args(d: dict[str, Any], args: argparse.Namespace) -> None:
+    """The TCB-status and advisory flags, the same for an enclave's and a TD's reference values."""
     if args.allow_tcb:
         d["allowed_tcb_statuses"] = sorted({TCB_UP_TO_DATE, *args.allow_tcb})
     if args.refuse_advisory:
         d["refused_advisories"] = args.refuse_advisory
     if args.accept_advisory:
         d["accepted_advisories"] = args.accept_advisory
-    return policy.TdReferenceValues.from_dict(d)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

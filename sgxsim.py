@@ -175,11 +175,16 @@ PLATFORMS: dict[str, SimTcbLevel] = {level.name: level for level in (*TCB_LEVELS
 
 
 @dataclass(frozen=True)
-class SimQeLevel:
+class SimIsvLevel:
+    """A QE or TDX module TCB level: an ISV SVN at least ``isv_svn`` has ``status``."""
+
     isv_svn: int
     tcb_date: str
     status: str
     advisory_ids: tuple[str, ...]
+
+
+SimQeLevel = SimIsvLevel
 
 
 QE_TCB_LEVELS: tuple[SimQeLevel, ...] = (
@@ -194,12 +199,7 @@ TDX_MODULE_MR_SIGNER = bytes(48)          # Intel's TDX modules are signed by MR
 TDX_MODULE_MAJOR = 1                      # tee_tcb_svn[1]: module identity TDX_01
 
 
-@dataclass(frozen=True)
-class SimModuleLevel:
-    isv_svn: int
-    tcb_date: str
-    status: str
-    advisory_ids: tuple[str, ...]
+SimModuleLevel = SimIsvLevel
 
 
 TDX_MODULE_LEVELS: tuple[SimModuleLevel, ...] = (
@@ -208,6 +208,14 @@ TDX_MODULE_LEVELS: tuple[SimModuleLevel, ...] = (
     SimModuleLevel(2, "2023-08-09T00:00:00Z", "Revoked", ("INTEL-SA-01036", "INTEL-SA-01099")),
 )
 TDX_MODULE_SVN_UP_TO_DATE = TDX_MODULE_LEVELS[0].isv_svn
+
+
+def _level_entry(tcb: dict[str, Any], level: SimTcbLevel | SimIsvLevel) -> dict[str, Any]:
+    """One entry of a tcbLevels list, in Intel's key order: tcb, tcbDate, tcbStatus, advisoryIDs (if any)."""
+    entry: dict[str, Any] = {"tcb": tcb, "tcbDate": level.tcb_date, "tcbStatus": level.status}
+    if level.advisory_ids:
+        entry["advisoryIDs"] = list(level.advisory_ids)
+    return entry
 
 
 def _tdx_gen(level: SimTcbLevel) -> int:
@@ -652,14 +660,8 @@ class SimPlatform:
         """TCB Info v3 for this platform (key order as Intel's)."""
         tcb_levels = []
         for level in levels:
-            entry: dict[str, Any] = {
-                "tcb": {"sgxtcbcomponents": [{"svn": s} for s in level.sgx_svns], "pcesvn": level.pce_svn},
-                "tcbDate": level.tcb_date,
-                "tcbStatus": level.status,
-            }
-            if level.advisory_ids:
-                entry["advisoryIDs"] = list(level.advisory_ids)
-            tcb_levels.append(entry)
+            tcb = {"sgxtcbcomponents": [{"svn": s} for s in level.sgx_svns], "pcesvn": level.pce_svn}
+            tcb_levels.append(_level_entry(tcb, level))
         return {
             "id": "SGX",
             "version": 3,
@@ -675,13 +677,7 @@ class SimPlatform:
     def qe_identity_dict(self, *, issue: int, next_update: int | None = None,
                          levels: Iterable[SimQeLevel] = QE_TCB_LEVELS) -> dict[str, Any]:
         """QE Identity v2 matching the sim's quoting enclave (key order as Intel's)."""
-        tcb_levels = []
-        for level in levels:
-            entry: dict[str, Any] = {"tcb": {"isvsvn": level.isv_svn}, "tcbDate": level.tcb_date,
-                                     "tcbStatus": level.status}
-            if level.advisory_ids:
-                entry["advisoryIDs"] = list(level.advisory_ids)
-            tcb_levels.append(entry)
+        tcb_levels = [_level_entry({"isvsvn": level.isv_svn}, level) for level in levels]
         return {
             "id": "QE",
             "version": 2,
@@ -707,12 +703,7 @@ class SimPlatform:
             entry["tcb"]["tdxtcbcomponents"] = [{"svn": v} for v in _tdx_svns(level)]
         module = {"mrsigner": TDX_MODULE_MR_SIGNER.hex().upper(), "attributes": "0000000000000000",
                   "attributesMask": "FFFFFFFFFFFFFFFF"}
-        mlevels = []
-        for m in module_levels:
-            entry = {"tcb": {"isvsvn": m.isv_svn}, "tcbDate": m.tcb_date, "tcbStatus": m.status}
-            if m.advisory_ids:
-                entry["advisoryIDs"] = list(m.advisory_ids)
-            mlevels.append(entry)
+        mlevels = [_level_entry({"isvsvn": m.isv_svn}, m) for m in module_levels]
         out = {"id": "TDX"}
         out.update({k: v for k, v in d.items() if k not in ("id", "tcbLevels")})
         out["tdxModule"] = module
