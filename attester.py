@@ -49,6 +49,21 @@ TSM_REPORT_ROOT = "/sys/kernel/config/tsm/report"
 IoctlFn = Callable[[int, int, Any], Any]
 
 
+def _write_report_data(path: Any, report_data: bytes, who: str) -> None:
+    """One write of the 64 bytes into a kernel or LibOS file (Gramine's user_report_data, configfs-tsm's
+    inblob): a short write is an error, never a quote over half a report_data."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            written = os.write(fd, report_data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ProviderError(f"{who}: cannot write {path}: {_os_reason(exc)}") from None
+    if written != REPORT_DATA_SIZE:
+        raise ProviderError(f"{who}: short write to {path}: {written} of {REPORT_DATA_SIZE} bytes")
+
+
 def _os_reason(exc: OSError) -> str:
     """'ENOENT (No such file or directory)': the errno name is what people search for."""
     name = errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
@@ -224,16 +239,7 @@ class GramineProvider:
             raise ProviderError(f"gramine: attestation_type is {kind!r}, need 'dcap' "
                                   "(set sgx.remote_attestation = \"dcap\" in the manifest)")
         urd = self.root / "user_report_data"
-        try:
-            fd = os.open(urd, os.O_WRONLY)
-            try:
-                written = os.write(fd, report_data)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise ProviderError(f"gramine: cannot write {urd}: {_os_reason(exc)}") from None
-        if written != REPORT_DATA_SIZE:
-            raise ProviderError(f"gramine: short write to {urd}: {written} of {REPORT_DATA_SIZE} bytes")
+        _write_report_data(urd, report_data, "gramine")
         qpath = self.root / "quote"
         try:
             quote = qpath.read_bytes()
@@ -300,16 +306,7 @@ class TdxProvider:
         inblob, outblob = entry / "inblob", entry / "outblob"
         for _ in range(TSM_ATTEMPTS):
             before = self._generation(entry)
-            try:
-                fd = os.open(inblob, os.O_WRONLY)
-                try:
-                    written = os.write(fd, report_data)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                raise ProviderError(f"tdx: cannot write {inblob}: {_os_reason(exc)}") from None
-            if written != REPORT_DATA_SIZE:
-                raise ProviderError(f"tdx: short write to {inblob}: {written} of {REPORT_DATA_SIZE} bytes")
+            _write_report_data(inblob, report_data, "tdx")
             quote = self._read(outblob)
             if self._generation(entry) == before + 1:
                 return check_quote(quote, report_data, f"tdx {outblob}")

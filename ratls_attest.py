@@ -155,6 +155,13 @@ def _get_quote(provider: QuoteProvider, report_data: bytes) -> bytes:
     return check_quote(provider.get_quote(report_data), report_data, "provider")
 
 
+def _self_named(fmt: str) -> Any:
+    """The start of every format's certificate: self-issued (subject = issuer), serial 1."""
+    from cryptography import x509
+
+    return x509.CertificateBuilder().subject_name(_subject(fmt)).issuer_name(_subject(fmt)).serial_number(1)
+
+
 def make_certificate(
     provider: QuoteProvider,
     *,
@@ -193,20 +200,14 @@ def make_certificate(
     if fmt == "cczoo":
         quote = _get_quote(provider, _report_data(pubkey_hash(public), extra_report_data))
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(_subject(fmt))
-            .issuer_name(_subject(fmt))
-            .serial_number(1)
+            _self_named(fmt)
             .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(OID_CCZOO_QUOTE), quote), False)
         )
     elif fmt == "dice":
         claims = dice_claims(public)
         quote = _get_quote(provider, _report_data(hashlib.sha256(claims).digest(), extra_report_data))
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(_subject(fmt))
-            .issuer_name(_subject(fmt))
-            .serial_number(1)
+            _self_named(fmt)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), False)
             .add_extension(
                 x509.UnrecognizedExtension(
@@ -221,10 +222,7 @@ def make_certificate(
         claims = dice_claims(public)
         dice_quote = _get_quote(provider, _report_data(hashlib.sha256(claims).digest(), extra_report_data))
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(_subject(fmt))
-            .issuer_name(_subject(fmt))
-            .serial_number(1)
+            _self_named(fmt)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), False)
