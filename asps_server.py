@@ -909,7 +909,9 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
     message arrives, and the call waits as long as the peer likes. So each unary-request method is
     served as a stream-request one (the same bytes on the wire) whose handler reads the one message
     under `asyncio.wait_for`; past the limit the call ends with DEADLINE_EXCEEDED and its stream is
-    reset. Bodies that trickle in slower than that are cut off the same way."""
+    reset. Bodies that trickle in slower than that are cut off the same way. The wait is an
+    `asyncio.timeout` scope (one timer on the call's own task) rather than `asyncio.wait_for`, which
+    in Python 3.11 wraps every read in a task of its own: this runs once per call on the loop thread."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -932,7 +934,8 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
 
     async def _receive(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await asyncio.wait_for(requests.__anext__(), self.seconds)
+            async with asyncio.timeout(self.seconds):
+                return await requests.__anext__()
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
