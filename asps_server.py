@@ -1476,11 +1476,21 @@ async def _start_grpc(
 # --- logging ------------------------------------------------------------------------------------------
 
 
+def _audit_line(record: logging.LogRecord) -> str | None:
+    """An audit record's JSON line: the text ops.AuditRecord serialized once (`audit_json`), else
+    the `audit` dict serialized here; None for any other record."""
+    text = getattr(record, "audit_json", None)
+    if text is not None:
+        return text
+    audit = getattr(record, "audit", None)
+    return None if audit is None else json.dumps(audit)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        audit = getattr(record, "audit", None)
+        audit = _audit_line(record)
         if audit is not None:
-            return json.dumps(audit)
+            return audit
         out = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
                 timespec="milliseconds"
@@ -1501,9 +1511,9 @@ class _TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        audit = getattr(record, "audit", None)
+        audit = _audit_line(record)
         if audit is not None:
-            return json.dumps(audit)
+            return audit
         return super().format(record)
 
 

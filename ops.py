@@ -519,7 +519,9 @@ class AuditRecord:
             protocol = "asps.v1" if self.event == "get_secrets" else "legacy"
             self.metrics.decision(protocol, verdict, status, step, time.monotonic() - self.start,
                                   tee=self.tee or "none")
-        audit_log.info(json.dumps(line, sort_keys=False), extra={"audit": line})
+        text = json.dumps(line, sort_keys=False)
+        # Serialized once: the formatters write `audit_json` as it is (stderr, JSON mode, audit file).
+        audit_log.info(text, extra={"audit": line, "audit_json": text})
 
     def granted(self) -> None:
         self._emit("granted", "OK", None, None, None)
