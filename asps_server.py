@@ -913,13 +913,29 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
     `asyncio.timeout` scope (one timer on the call's own task) rather than `asyncio.wait_for`, which
     in Python 3.11 wraps every read in a task of its own: this runs once per call on the loop thread."""
 
+    _CACHED = 256  # wrapped handlers kept (services register a fixed set; beyond this, wrap per call)
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        # id(handler) -> (handler, its wrapped twin): registered handlers are the same objects on
+        # every call, so each is wrapped once, not on every call on the loop thread. The handler is
+        # kept in the entry so its id cannot be reused by another object while cached.
+        self._wrapped: dict[int, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
+        entry = self._wrapped.get(id(handler))
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        wrapped = self._wrap(handler)
+        if len(self._wrapped) < self._CACHED:
+            self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Any) -> Any:
+        """The stream-request twin of a unary-request handler (same serializers, same behaviour)."""
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 self._stream_reply(handler.unary_stream),
