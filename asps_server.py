@@ -909,15 +909,33 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
     message arrives, and the call waits as long as the peer likes. So each unary-request method is
     served as a stream-request one (the same bytes on the wire) whose handler reads the one message
     under `asyncio.wait_for`; past the limit the call ends with DEADLINE_EXCEEDED and its stream is
-    reset. Bodies that trickle in slower than that are cut off the same way."""
+    reset. Bodies that trickle in slower than that are cut off the same way. The wait is an
+    `asyncio.timeout` scope (one timer on the call's own task) rather than `asyncio.wait_for`, which
+    in Python 3.11 wraps every read in a task of its own: this runs once per call on the loop thread."""
+
+    _CACHED = 256  # wrapped handlers kept (services register a fixed set; beyond this, wrap per call)
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        # id(handler) -> (handler, its wrapped twin): registered handlers are the same objects on
+        # every call, so each is wrapped once, not on every call on the loop thread. The handler is
+        # kept in the entry so its id cannot be reused by another object while cached.
+        self._wrapped: dict[int, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
+        entry = self._wrapped.get(id(handler))
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        wrapped = self._wrap(handler)
+        if len(self._wrapped) < self._CACHED:
+            self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Any) -> Any:
+        """The stream-request twin of a unary-request handler (same serializers, same behaviour)."""
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 self._stream_reply(handler.unary_stream),
@@ -932,7 +950,8 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
 
     async def _receive(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await asyncio.wait_for(requests.__anext__(), self.seconds)
+            async with asyncio.timeout(self.seconds):
+                return await requests.__anext__()
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -1473,11 +1492,21 @@ async def _start_grpc(
 # --- logging ------------------------------------------------------------------------------------------
 
 
+def _audit_line(record: logging.LogRecord) -> str | None:
+    """An audit record's JSON line: the text ops.AuditRecord serialized once (`audit_json`), else
+    the `audit` dict serialized here; None for any other record."""
+    text = getattr(record, "audit_json", None)
+    if text is not None:
+        return text
+    audit = getattr(record, "audit", None)
+    return None if audit is None else json.dumps(audit)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        audit = getattr(record, "audit", None)
+        audit = _audit_line(record)
         if audit is not None:
-            return json.dumps(audit)
+            return audit
         out = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
                 timespec="milliseconds"
@@ -1498,9 +1527,9 @@ class _TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        audit = getattr(record, "audit", None)
+        audit = _audit_line(record)
         if audit is not None:
-            return json.dumps(audit)
+            return audit
         return super().format(record)
 
 

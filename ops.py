@@ -128,6 +128,7 @@ class Metrics(NullMetrics):
         import prometheus_client as prom
 
         self.registry = prom.CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         reg = self.registry
         prom.ProcessCollector(registry=reg)  # process_resident_memory_bytes, cpu seconds, open fds
         self.attestations = prom.Counter(
@@ -162,13 +163,23 @@ class Metrics(NullMetrics):
 
     def decision(self, protocol: str, verdict: str, status: str, step: str | None, seconds: float,
                  tee: str = "none") -> None:
-        self.attestations.labels(protocol, verdict, status, step or "none", tee).inc()
+        self._child(self.attestations, (protocol, verdict, status, step or "none", tee)).inc()
         if protocol == "asps.v1":
-            self.latency.labels(verdict).observe(seconds)
+            self._child(self.latency, (verdict,)).observe(seconds)
 
     def kms(self, result: str, seconds: float) -> None:
-        self.kms_requests.labels(result).inc()
+        self._child(self.kms_requests, (result,)).inc()
         self.kms_latency.observe(seconds)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """`metric.labels(*labels)`, looked up once per label tuple: labels() takes the metric's lock
+        and re-checks the names on every call. The tuples are few (fixed sets of statuses and steps);
+        a race only looks the same child up twice."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def policy_reload(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "failed").inc()
@@ -519,7 +530,9 @@ class AuditRecord:
             protocol = "asps.v1" if self.event == "get_secrets" else "legacy"
             self.metrics.decision(protocol, verdict, status, step, time.monotonic() - self.start,
                                   tee=self.tee or "none")
-        audit_log.info(json.dumps(line, sort_keys=False), extra={"audit": line})
+        text = json.dumps(line, sort_keys=False)
+        # Serialized once: the formatters write `audit_json` as it is (stderr, JSON mode, audit file).
+        audit_log.info(text, extra={"audit": line, "audit_json": text})
 
     def granted(self) -> None:
         self._emit("granted", "OK", None, None, None)

@@ -48,6 +48,7 @@ def main() -> None:
         merged.sort_stats("cumulative").print_stats(80)
         merged.sort_stats("tottime").print_stats(40)
         out.write_text(text.getvalue())
+        merged.dump_stats(str(out) + ".pstats")  # raw, for callers/callees: python -m pstats OUT.pstats
 
     threading.setprofile(start_in_thread)
     atexit.register(dump)

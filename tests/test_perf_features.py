@@ -376,3 +376,35 @@ def test_zz_no_secret_in_any_log_line(logs):
     """Every line the in-process servers of this module logged (cache hits, misses, refusals after a
     reload) is free of every secret value used here."""
     assert_no_secret_in(logs.lines, [V1, V2])
+
+
+def test_receive_limit_wraps_each_handler_once_and_leaves_streaming_requests_alone():
+    """The interceptor's per-method cache: the same registered handler gets the same stream-request
+    twin on every call; another handler gets its own; a streaming-request handler passes untouched."""
+    import asyncio
+
+    limit = asps_server.ReceiveLimit(5.0)
+
+    async def unary(request, context):
+        return request
+
+    async def replies(request, context):
+        yield request
+
+    first = grpc.unary_unary_rpc_method_handler(unary)
+    second = grpc.unary_stream_rpc_method_handler(replies)
+    streaming = grpc.stream_unary_rpc_method_handler(unary)
+
+    def intercept(handler):
+        async def continuation(_details):
+            return handler
+
+        return asyncio.run(limit.intercept_service(continuation, None))
+
+    a, b = intercept(first), intercept(first)
+    assert a is b and a.request_streaming and not a.response_streaming
+    c = intercept(second)
+    assert c is not a and c.request_streaming and c.response_streaming
+    assert intercept(second) is c
+    assert intercept(streaming) is streaming
+    assert intercept(None) is None
