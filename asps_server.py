@@ -825,6 +825,7 @@ class Bounds:
     ping_strikes: int = 2  # ...pings beyond that are strikes; more than this many: GOAWAY
     max_inflight: int = 0  # calls admitted to the work pool (running or queued); 0: 8 x --threads
     max_calls: int = 4096  # calls open at once, waiting ones included; beyond: RESOURCE_EXHAUSTED
+    max_streaming_calls: int = 64  # long-lived calls (health Watch, reflection) open at once
 
     def check(self) -> None:
         if self.max_streams < 1 or self.max_calls < 1 or self.max_inflight < 0 or self.ping_strikes < 0:
@@ -844,6 +845,14 @@ class Bounds:
                 raise StartupError(f"--{name.replace('_', '-')} must be more than 0 seconds")
         if self.connection_age_grace < 0 or self.min_ping_interval < 0:
             raise StartupError("--connection-age-grace and --min-ping-interval must not be negative")
+        if self.max_streaming_calls < 0:
+            raise StartupError("--max-streaming-calls must not be negative")
+
+    @property
+    def streaming_cap(self) -> int:
+        """Long-lived calls allowed at once: never more than half of --max-calls, so that they can
+        never take the slots unary attestation calls need."""
+        return min(self.max_streaming_calls, self.max_calls // 2)
 
     def channel_options(self) -> list[tuple[str, int]]:
         """The grpc core arguments that enforce the connection-level bounds."""
@@ -905,18 +914,24 @@ class WorkPool:
 
 class ReceiveLimit(grpc.aio.ServerInterceptor):
     """Bounds the time from a call's headers to its request message, for every method (health and
-    reflection included). grpc core has no such limit: a unary handler is simply not started until the
+    reflection included; a stream of requests message by message), and the number of long-lived
+    calls. grpc core has no such limit: a unary handler is simply not started until the
     message arrives, and the call waits as long as the peer likes. So each unary-request method is
     served as a stream-request one (the same bytes on the wire) whose handler reads the one message
-    under `asyncio.wait_for`; past the limit the call ends with DEADLINE_EXCEEDED and its stream is
+    within the limit; past the limit the call ends with DEADLINE_EXCEEDED and its stream is
     reset. Bodies that trickle in slower than that are cut off the same way. The wait is an
     `asyncio.timeout` scope (one timer on the call's own task) rather than `asyncio.wait_for`, which
     in Python 3.11 wraps every read in a task of its own: this runs once per call on the loop thread."""
 
     _CACHED = 256  # wrapped handlers kept (services register a fixed set; beyond this, wrap per call)
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, max_streaming: int = 64) -> None:
         self.seconds = seconds
+        # A call that streams (health Watch's replies, reflection's requests) stays open after its first
+        # message, for as long as the peer keeps the connection: such calls are counted here and capped
+        # well below --max-calls, so that they can never take the slots unary attestation calls need.
+        self.max_streaming = max_streaming
+        self.streaming = 0  # touched only on the loop thread
         # id(handler) -> (handler, its wrapped twin): registered handlers are the same objects on
         # every call, so each is wrapped once, not on every call on the loop thread. The handler is
         # kept in the entry so its id cannot be reused by another object while cached.
@@ -924,7 +939,7 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
         entry = self._wrapped.get(id(handler))
         if entry is not None and entry[0] is handler:
@@ -935,7 +950,17 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: Any) -> Any:
-        """The stream-request twin of a unary-request handler (same serializers, same behaviour)."""
+        """The stream-request twin of a unary-request handler (same serializers, same behaviour); a
+        stream-request handler keeps its shape, each of its messages bounded and the call counted."""
+        if handler.request_streaming:
+            make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else (
+                grpc.stream_unary_rpc_method_handler)
+            behaviour = handler.stream_stream if handler.response_streaming else handler.stream_unary
+            return make(
+                self._streaming_requests(behaviour),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 self._stream_reply(handler.unary_stream),
@@ -970,14 +995,55 @@ class ReceiveLimit(grpc.aio.ServerInterceptor):
     def _stream_reply(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         async def handler(requests, context):
             request = await self._receive(requests, context)
-            result = behaviour(request, context)
-            if inspect.isasyncgen(result):
-                async for reply in result:
-                    await context.write(reply)
-            else:
-                await result
+            async with self._streaming_slot(context):
+                result = behaviour(request, context)
+                if inspect.isasyncgen(result):
+                    async for reply in result:
+                        await context.write(reply)
+                else:
+                    await result
 
         return handler
+
+    def _streaming_requests(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def handler(requests, context):
+            async with self._streaming_slot(context):
+                result = behaviour(self._each_within_limit(requests, context), context)
+                if inspect.isasyncgen(result):
+                    async for reply in result:
+                        await context.write(reply)
+                else:
+                    return await result
+
+        return handler
+
+    async def _each_within_limit(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The peer's messages, each of which must arrive within the receive limit of the one before."""
+        while True:
+            try:
+                async with asyncio.timeout(self.seconds):
+                    message = await requests.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"next request message not received within {self.seconds:g} s (--receive-timeout)",
+                )
+            yield message
+
+    @contextlib.asynccontextmanager
+    async def _streaming_slot(self, context: grpc.aio.ServicerContext) -> Any:
+        if self.streaming >= self.max_streaming:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many long-lived calls open ({self.max_streaming}, --max-streaming-calls)",
+            )
+        self.streaming += 1
+        try:
+            yield
+        finally:
+            self.streaming -= 1
 
 
 class LoopThread:
@@ -1461,7 +1527,7 @@ async def _start_grpc(
     they are made on); started later by `serve`, once health and metrics are in place."""
     bounds = config.bounds
     server = grpc.aio.server(
-        interceptors=[ReceiveLimit(bounds.receive_timeout)],
+        interceptors=[ReceiveLimit(bounds.receive_timeout, bounds.streaming_cap)],
         options=[
             ("grpc.max_receive_message_length", config.limits.request),
             ("grpc.max_send_message_length", config.limits.reply),
@@ -1938,6 +2004,9 @@ _BOUND_HELP: dict[str, str] = {
     "more are refused at once with RESOURCE_EXHAUSTED; 0: 8 x --threads",
     "max_calls": "calls open at once, those waiting for their message included; more are refused "
     "with RESOURCE_EXHAUSTED",
+    "max_streaming_calls": "long-lived calls (grpc.health.v1 Watch, reflection) open at once, counted "
+    "within --max-calls and never more than half of it; more are refused with RESOURCE_EXHAUSTED, so "
+    "no peer can fill --max-calls with calls that stay open",
 }
 
 

@@ -378,9 +378,11 @@ def test_zz_no_secret_in_any_log_line(logs):
     assert_no_secret_in(logs.lines, [V1, V2])
 
 
-def test_receive_limit_wraps_each_handler_once_and_leaves_streaming_requests_alone():
+def test_receive_limit_wraps_each_handler_once_streaming_requests_included():
     """The interceptor's per-method cache: the same registered handler gets the same stream-request
-    twin on every call; another handler gets its own; a streaming-request handler passes untouched."""
+    twin on every call; another handler gets its own; a streaming-request handler is wrapped too (its
+    messages are held to the receive limit one by one, and it counts as a long-lived call), keeping
+    its shape, also once."""
     import asyncio
 
     limit = asps_server.ReceiveLimit(5.0)
@@ -406,5 +408,7 @@ def test_receive_limit_wraps_each_handler_once_and_leaves_streaming_requests_alo
     c = intercept(second)
     assert c is not a and c.request_streaming and c.response_streaming
     assert intercept(second) is c
-    assert intercept(streaming) is streaming
+    d = intercept(streaming)
+    assert d is not streaming and d.request_streaming and not d.response_streaming
+    assert intercept(streaming) is d
     assert intercept(None) is None

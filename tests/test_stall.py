@@ -353,3 +353,79 @@ def test_a_full_work_pool_sheds_get_secrets_while_challenges_and_health_answer(e
         release.set()
         client.close()
         handle.stop(0)
+
+
+def test_long_lived_calls_cannot_take_the_slots_attestations_need(env, ev1):
+    """Health Watch calls stay open after their one request; an unauthenticated peer opening many of
+    them gets RESOURCE_EXHAUSTED past --max-streaming-calls, while challenges and attestations (and
+    Check) keep their slots within --max-calls."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    handle = start(env, max_calls=32, max_streaming_calls=8, max_streams=32, receive_timeout=1.0)
+    channels, watches = [], []
+    try:
+        for i in range(2):  # the attacker: its own connections, no certificate, no token
+            ch = grpc.secure_channel(f"localhost:{handle.port}", grpc.ssl_channel_credentials(env.ca),
+                                     options=[("grpc.use_local_subchannel_pool", 1), ("test.attacker", i)])
+            channels.append(ch)
+            stub = health_pb2_grpc.HealthStub(ch)
+            watches += [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60) for _ in range(15)]
+        held, refused = 0, 0
+        for w in watches:
+            try:
+                assert next(w).status == SERVING
+                held += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                assert "--max-streaming-calls" in e.details()
+                refused += 1
+        assert (held, refused) == (8, 22)
+        client = Client(f"localhost:{handle.port}", env.ca)
+        try:
+            for _ in range(3):
+                assert attest(client, ev1) == "app1"
+            assert health_of(handle.port, env.ca) == SERVING
+        finally:
+            client.close()
+        for w in watches:
+            w.cancel()
+    finally:
+        for ch in channels:
+            ch.close()
+        handle.stop(0)
+
+
+def test_a_stream_of_requests_is_held_to_the_receive_limit_message_by_message(env):
+    """Reflection reads a stream of requests: one that sends none (or stops sending) is cut at the
+    receive limit, as a unary call waiting for its message is."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    config = env.config(policy(env), threads=THREADS, reflection=True,
+                        bounds=asps_server.Bounds(receive_timeout=1.0))
+    handle = asps_server.serve(config)
+    stop = threading.Event()
+
+    def silent():
+        stop.wait(30)
+        yield from ()
+
+    def one_then_silent():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        stop.wait(30)
+
+    try:
+        with grpc.secure_channel(f"localhost:{handle.port}", grpc.ssl_channel_credentials(env.ca)) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.ServerReflectionInfo(silent(), timeout=20))
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "--receive-timeout" in e.value.details()
+            replies = stub.ServerReflectionInfo(one_then_silent(), timeout=20)
+            assert asps_server.SERVICE_NAME in {s.name for s in next(replies).list_services_response.service}
+            with pytest.raises(grpc.RpcError) as e:
+                next(replies)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "--receive-timeout" in e.value.details()  # the server's limit, not the call's deadline
+    finally:
+        stop.set()
+        handle.stop(0)
