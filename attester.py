@@ -53,7 +53,7 @@ def _write_report_data(path: Any, report_data: bytes, who: str) -> None:
     """One write of the 64 bytes into a kernel or LibOS file (Gramine's user_report_data, configfs-tsm's
     inblob): a short write is an error, never a quote over half a report_data."""
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             written = os.write(fd, report_data)
         finally:
@@ -273,14 +273,26 @@ class TdxProvider:
         self.root = Path(root)
         self._mkdir = mkdir
 
-    def _read(self, path: Path) -> bytes:
+    def _read(self, path: Path, limit: int) -> bytes:
+        """At most `limit` bytes, never through a symbolic link: a configfs attribute is a small file
+        (the quote at most MAX_QUOTE_SIZE), so anything larger is refused rather than read whole."""
+        chunks, size = [], 0
         try:
-            return path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                while chunk := os.read(fd, min(65536, limit + 1 - size)):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        raise ProviderError(f"tdx: {path} holds more than {limit} bytes")
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise ProviderError(f"tdx: cannot read {path}: {_os_reason(exc)}") from None
+        return b"".join(chunks)
 
     def _generation(self, entry: Path) -> int:
-        raw = self._read(entry / "generation").strip()
+        raw = self._read(entry / "generation", 32).strip()
         if not raw.isdigit():
             raise ProviderError(f"tdx: {entry / 'generation'} holds {raw[:32]!r}, not a number")
         return int(raw)
@@ -300,14 +312,14 @@ class TdxProvider:
                 os.rmdir(entry)
 
     def _quote_in(self, entry: Path, report_data: bytes) -> bytes:
-        provider = self._read(entry / "provider").strip().decode("ascii", "replace")
+        provider = self._read(entry / "provider", 64).strip().decode("ascii", "replace")
         if provider != TSM_PROVIDER_TDX:
             raise ProviderError(f"tdx: {entry / 'provider'} names {provider!r}, need {TSM_PROVIDER_TDX!r}")
         inblob, outblob = entry / "inblob", entry / "outblob"
         for _ in range(TSM_ATTEMPTS):
             before = self._generation(entry)
             _write_report_data(inblob, report_data, "tdx")
-            quote = self._read(outblob)
+            quote = self._read(outblob, MAX_QUOTE_SIZE)
             if self._generation(entry) == before + 1:
                 return check_quote(quote, report_data, f"tdx {outblob}")
         raise ProviderError(f"tdx: {entry / 'generation'} changed under us {TSM_ATTEMPTS} times: another "

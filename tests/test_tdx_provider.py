@@ -213,3 +213,53 @@ def test_the_client_makes_dice_evidence_in_a_td(tsm, sim_platform):
     ident = ratls.verify_evidence(ev.cert_der, dcap.Verifier(sim_platform.tdx_collateral(),
                                                              root_ca=sim_platform.root_ca_der))
     assert (ident.tee, ident.evidence_format) == ("tdx", "dice") and len(kernel.served) == 1
+
+
+def _hostile_entry(tmp_path: Path, **links: str):
+    """A `mkdir` that makes an entry whose named attributes are symbolic links (a wrong tsm_root, or a
+    hostile file system): the provider must neither follow them nor read without bound."""
+
+    def mkdir(path: str) -> None:
+        entry = Path(path)
+        os.mkdir(entry)
+        (entry / "provider").write_text("tdx_guest\n")
+        (entry / "generation").write_text("0\n")
+        for name in ("inblob", "outblob"):
+            (entry / name).write_bytes(b"")
+        for name, target in links.items():
+            (entry / name).unlink(missing_ok=True)
+            os.symlink(target, entry / name)
+
+    root = tmp_path / "hostile" / "report"
+    root.mkdir(parents=True)
+    return attester.get_provider("tdx", tsm_root=str(root), mkdir=mkdir)
+
+
+@pytest.mark.parametrize("name", ["outblob", "generation", "provider"])
+def test_an_attribute_that_is_a_link_to_an_endless_file_is_refused_not_read(tmp_path, name):
+    with pytest.raises(attester.ProviderError, match=name):
+        _hostile_entry(tmp_path, **{name: "/dev/zero"}).get_quote(RD)
+
+
+def test_report_data_is_never_written_through_a_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"untouched")
+    with pytest.raises(attester.ProviderError, match="inblob"):
+        _hostile_entry(tmp_path, inblob=str(victim)).get_quote(RD)
+    assert victim.read_bytes() == b"untouched"
+
+
+def test_an_oversized_attribute_is_refused(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(b"1" * 100)
+
+    def mkdir(path: str) -> None:
+        entry = Path(path)
+        os.mkdir(entry)
+        (entry / "provider").write_text("tdx_guest\n")
+        (entry / "generation").write_bytes(b"1" * 100)  # more than any counter's digits
+
+    root = tmp_path / "big-gen" / "report"
+    root.mkdir(parents=True)
+    with pytest.raises(attester.ProviderError, match="generation holds more than 32 bytes"):
+        attester.get_provider("tdx", tsm_root=str(root), mkdir=mkdir).get_quote(RD)
