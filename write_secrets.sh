@@ -244,7 +244,7 @@ initialized="$(json_field "$STATUS" initialized)"
 sealed="$(json_field "$STATUS" sealed)"
 
 if [ "$initialized" != "true" ]; then
-    if [ -s "$INIT_FILE" ]; then
+    if [ -s "$INIT_FILE" ] || [ -L "$INIT_FILE" ]; then
         die "server at $VAULT_ADDR is not initialised but $INIT_FILE exists; refusing to overwrite it"
     fi
     info "initialising $VAULT_ADDR (1 key share); init output saved to $INIT_FILE (mode 0600)"
@@ -379,18 +379,27 @@ if [ "$AUTH" = approle ]; then
         info "enabled the approle auth method at approle/"
     fi
     mkdir -p "$CREDS_DIR"
+    # Ours and closed to others: in a directory others may write, they could plant a file or a link where
+    # a secret_id is about to be written, and read it (or every later one) from there.
+    [ ! -L "$CREDS_DIR" ] || die "--creds-dir $CREDS_DIR is a symbolic link; name the directory itself"
+    [ "$(stat -c %u "$CREDS_DIR")" = "$(id -u)" ] || die "--creds-dir $CREDS_DIR belongs to another user"
+    (((8#$(stat -c %a "$CREDS_DIR") & 8#022) == 0)) ||
+        die "--creds-dir $CREDS_DIR is writable by its group or by others (chmod go-w it, or name another)"
     for app in "${APPS[@]}"; do
         # A role whose tokens carry only the app's read-only policy; the server renews and logs in again.
         cli write auth/approle/role/"app${app}" token_policies="app${app}_policy" \
             token_ttl="${TOKEN_TTL:-1h}" token_max_ttl="${TOKEN_MAX_TTL:-24h}" >/dev/null
         role_id_file="$CREDS_DIR/app${app}_role_id"
         secret_id_file="$CREDS_DIR/app${app}_secret_id"
-        # umask 077: created 0600; written to a temp file first so a failure leaves the old one intact
-        cli read -field=role_id auth/approle/role/"app${app}"/role-id >"$role_id_file.tmp"
-        cli write -f -field=secret_id auth/approle/role/"app${app}"/secret-id >"$secret_id_file.tmp"
-        chmod 600 "$role_id_file.tmp" "$secret_id_file.tmp"
-        mv -f "$role_id_file.tmp" "$role_id_file"
-        mv -f "$secret_id_file.tmp" "$secret_id_file"
+        # Written to new temp files (mktemp: created 0600, never an existing file or link) and renamed
+        # into place, so a failure leaves the old ones intact.
+        role_tmp="$(mktemp "$CREDS_DIR/.app${app}_role_id.XXXXXX")"
+        secret_tmp="$(mktemp "$CREDS_DIR/.app${app}_secret_id.XXXXXX")"
+        cli read -field=role_id auth/approle/role/"app${app}"/role-id >"$role_tmp"
+        cli write -f -field=secret_id auth/approle/role/"app${app}"/secret-id >"$secret_tmp"
+        chmod 600 "$role_tmp" "$secret_tmp"
+        mv -f "$role_tmp" "$role_id_file"
+        mv -f "$secret_tmp" "$secret_id_file"
         if [ ! -s "$role_id_file" ] || [ ! -s "$secret_id_file" ]; then
             die "no AppRole credentials made for app $app"
         fi

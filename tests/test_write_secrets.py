@@ -326,3 +326,33 @@ def test_auth_approle_end_to_end(openbao_kv2: OpenBao, tmp_path: Path) -> None:
     for secret_id in secret_ids:
         assert secret_id not in proc.stdout + proc.stderr
     assert asps_server.Kind.CONFIG  # the module loads with the check-policy dispatch
+
+
+def test_approle_credentials_are_never_written_where_others_can_plant_a_link(
+    openbao_kv2: OpenBao, tmp_path: Path
+) -> None:
+    """A creds dir others can write is refused; in our own dir, a link planted at the old temp-file
+    names is never written through, and the secret_id lands in a regular file of mode 0600."""
+    policy = tmp_path / "policy_vault.json"
+    policy_template(policy, openbao_kv2.addr)
+    shared = tmp_path / "shared-creds"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    args = ("--auth", "approle", "--policy", str(policy))
+    token = openbao_kv2.root_token
+    result = run_script(openbao_kv2, tmp_path, *args, "--creds-dir", str(shared), token=token)
+    assert result.returncode != 0 and "writable by its group or by others" in result.stderr
+    assert not any(shared.iterdir())
+
+    own = tmp_path / "own-creds"
+    own.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    for name in ("app1_secret_id.tmp", "app1_role_id.tmp"):
+        os.symlink(victim, own / name)
+    result = run_script(openbao_kv2, tmp_path, *args, "--creds-dir", str(own), token=token)
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "untouched"
+    secret_id = own / "app1_secret_id"
+    assert not secret_id.is_symlink() and stat.S_IMODE(secret_id.stat().st_mode) == 0o600
+    assert secret_id.read_text().strip()
