@@ -182,6 +182,15 @@ class LoginRequest:
     cert: tuple[str, str] | None = None
 
 
+def _redact_login(text: str, request: LoginRequest) -> str:
+    """A node's error text is its own: one that echoes what a login sent (a hostile or broken node)
+    must not carry the role_id or secret_id into an exception, and so into a log line."""
+    for sent in request.body.values():
+        if isinstance(sent, str) and len(sent) >= 4:
+            text = text.replace(sent, "<redacted>")
+    return text
+
+
 @runtime_checkable
 class VaultLogin(Protocol):
     """How a ``VaultAgent`` obtains a token when it has none, or its token cannot be renewed."""
@@ -559,13 +568,17 @@ class VaultAgent:
         assert self._auth is not None
         request = self._auth.login_request()
         method = self._auth.method
-        reply, node = self._send(
-            "POST", request.path, deadline, body=request.body, cert=request.cert, anonymous=True
-        )
+        try:
+            reply, node = self._send(
+                "POST", request.path, deadline, body=request.body, cert=request.cert, anonymous=True
+            )
+        except KmsError as exc:  # its message may quote a node's error text: see _redact_login
+            exc.args = (_redact_login(str(exc), request),)
+            raise
         body = self._json(reply, request.path)
         status = reply.status_code
         if status in (400, 401, 403):
-            detail = "; ".join(self._errors(body)) or f"HTTP {status}"
+            detail = _redact_login("; ".join(self._errors(body)) or f"HTTP {status}", request)
             raise KmsDenied(
                 f"{node} refused the {method} login at {request.path}: {detail}", token_invalid=True
             )

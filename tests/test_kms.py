@@ -442,3 +442,39 @@ def test_helper_add_app_matches_write_secrets_layout(bao: OpenBao) -> None:
     assert agent.get("occlum/3/image_key") == value.encode()
     with pytest.raises(KmsDenied):
         agent.get("occlum/1/image_key")
+
+
+@pytest.mark.parametrize("status", [403, 500])
+def test_a_node_that_echoes_a_login_never_puts_the_credentials_into_an_error(tmp_path, status) -> None:
+    """A broken or hostile node quoting the login body back in its error text: the KmsError (and so
+    any log line made of it) names the refusal, never the role_id or secret_id."""
+    import json as json_mod
+
+    role_id, secret_id = "role-" + "r" * 20, "sid-" + "s" * 28
+    (tmp_path / "role_id").write_text(role_id)
+    (tmp_path / "secret_id").write_text(secret_id)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            sent = json_mod.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = json_mod.dumps({"errors": [f"bad login {sent}"]}).encode()
+            send_reply(self, status, {"Content-Type": "application/json"}, body)
+
+    vault = HttpStandIn(Handler)
+    try:
+        agent = kms.VaultAgent(
+            vault.url,
+            auth=kms.AppRoleLogin(str(tmp_path / "role_id"), str(tmp_path / "secret_id")),
+            retries=0,
+            deadline=5,
+        )
+        with pytest.raises(kms.KmsError) as e:
+            agent.get("kv/app#key")
+        text = str(e.value) + repr(e.value)
+        assert "<redacted>" in text
+        assert secret_id not in text and role_id not in text
+    finally:
+        vault.close()
