@@ -336,6 +336,26 @@ def _unknown_keys(d: Mapping[str, Any], allowed: frozenset[str], where: str) -> 
         )
 
 
+def _plain_http_off_host(url: str) -> bool:
+    """http:// to anything but this machine's loopback (where TLS would protect nothing)."""
+    import ipaddress
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:  # not a URL: the agent refuses it, naming the field
+        return False
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def _named_file(value: Any, field_name: str, where: str, base_dir: Path) -> Path:
     """A policy field naming a file, relative to the policy's directory."""
     if not isinstance(value, str) or not value:
@@ -362,6 +382,12 @@ def _agent_factory(kind: str, data: Mapping[str, Any], where: str, base_dir: Pat
                 f"or a list of them for an HA cluster; got {_shape(addr)}"
             )
         nodes = [n.strip().rstrip("/") for n in nodes]
+        for node in nodes:
+            if _plain_http_off_host(node):
+                warnings.append(
+                    f"{where}: field 'addr': {node} is plain http to another host: each app's token "
+                    "(and an AppRole's secret_id) crosses the network unencrypted; use https and ca_file"
+                )
         method = data.get("auth_method", "token")
         if method not in AUTH_METHODS:
             raise PolicyError(

@@ -491,3 +491,23 @@ def test_find_app_prefers_the_most_specific_app(tmp_path):
     assert pol.find_app(identity("44" * 32)).id == "by-signer"
     assert pol.find_app(identity("44" * 32, isv_prod_id=7)).id == "signer-prod-7"
     assert pol.find_app(identity("44" * 32, mr_signer="bb" * 32)) is None
+
+
+@pytest.mark.parametrize(
+    ("addr", "warned"),
+    [
+        ("http://vault.example:8200", True),
+        ("http://10.0.0.5:8200", True),
+        ("http://127.0.0.1:8200", False),
+        ("http://localhost:8200", False),
+        ("http://[::1]:8200", False),
+        ("https://vault.example:8200", False),
+    ],
+)
+def test_plain_http_to_another_host_is_warned_about(tmp_path, addr, warned):
+    """Tokens and secret_ids would cross the network in the clear: a load warning (the server logs
+    it, check-policy lists it); loopback and https are not warned about."""
+    doc = vault_doc()
+    doc["addr"] = addr
+    warnings = policy.load_policy(write(tmp_path, doc)).warnings
+    assert any("plain http to another host" in w for w in warnings) == warned
