@@ -349,15 +349,25 @@ class HttpStandIn:
 def pccs_for(plat: sgxsim.SimPlatform) -> HttpStandIn:
     """A PCCS stand-in for the sim platform: the SGX API and the TDX API (TCB info, QE identity) beside
     it, CRLs from the SGX API, shaped as PCCS shapes them; so one server verifies enclaves and TDs."""
+    return serve_pccs(plat.collateral(), plat.tdx_collateral(), plat.fmspc.hex())
+
+
+def serve_pccs(
+    sgx: Any, tdx: Any, fmspc: str, *, requests: list[str] | None = None, pck_ca: str | None = None
+) -> HttpStandIn:
+    """A PCCS stand-in for one platform's SGX and TDX collateral; `requests` records each path asked
+    for, `pck_ca` (if given) is the only CA whose PCK CRL is served."""
     import urllib.parse
 
-    sgx, tdx, fmspc, enc = plat.collateral(), plat.tdx_collateral(), plat.fmspc.hex(), urllib.parse.quote
+    enc = urllib.parse.quote
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
 
         def do_GET(self) -> None:
+            if requests is not None:
+                requests.append(self.path)
             url = urllib.parse.urlsplit(self.path)
             q = dict(urllib.parse.parse_qsl(url.query))
             status, body, headers = 404, b"", {}
@@ -372,7 +382,7 @@ def pccs_for(plat: sgxsim.SimPlatform) -> HttpStandIn:
                     body = (f'{{"enclaveIdentity":{c.qe_identity},'
                             f'"signature":"{c.qe_identity_signature.hex()}"}}').encode()
                     headers = {"SGX-Enclave-Identity-Issuer-Chain": enc(c.qe_identity_issuer_chain)}
-                elif route == "/pckcrl" and api.startswith("/sgx"):
+                elif route == "/pckcrl" and api.startswith("/sgx") and pck_ca in (None, q.get("ca")):
                     status, body = 200, c.pck_crl
                     headers = {"SGX-PCK-CRL-Issuer-Chain": enc(c.pck_crl_issuer_chain)}
                 elif route == "/rootcacrl" and api.startswith("/sgx"):

@@ -3,11 +3,8 @@ from /sgx/certification/v4, cached per (FMSPC, type) beside the SGX collateral o
 
 from __future__ import annotations
 
-import urllib.parse
-from http.server import BaseHTTPRequestHandler
-
 import pytest
-from asps_testkit import HttpStandIn, send_reply
+from asps_testkit import HttpStandIn, serve_pccs
 
 import dcap
 import pccs
@@ -17,37 +14,8 @@ RD = bytes(64)
 
 
 def serve(sgx: Collateral, tdx: Collateral, fmspc: str, requests: list[str]) -> HttpStandIn:
-    """A PCCS stand-in for one platform: both APIs, answers shaped as PCCS shapes them."""
-    enc = urllib.parse.quote
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            requests.append(self.path)
-            url = urllib.parse.urlsplit(self.path)
-            q = dict(urllib.parse.parse_qsl(url.query))
-            status, body, headers = 404, b"", {}
-            for api, c in (("/sgx/certification/v4", sgx), ("/tdx/certification/v4", tdx)):
-                route = url.path[len(api):] if url.path.startswith(api) else None
-                if route == "/tcb" and q.get("fmspc") == fmspc:
-                    status = 200
-                    body = f'{{"tcbInfo":{c.tcb_info},"signature":"{c.tcb_info_signature.hex()}"}}'.encode()
-                    headers = {"TCB-Info-Issuer-Chain": enc(c.tcb_info_issuer_chain)}
-                elif route == "/qe/identity":
-                    status = 200
-                    body = (f'{{"enclaveIdentity":{c.qe_identity},'
-                            f'"signature":"{c.qe_identity_signature.hex()}"}}').encode()
-                    headers = {"SGX-Enclave-Identity-Issuer-Chain": enc(c.qe_identity_issuer_chain)}
-                elif route == "/pckcrl" and api.startswith("/sgx") and q.get("ca") == "processor":
-                    status, body = 200, c.pck_crl
-                    headers = {"SGX-PCK-CRL-Issuer-Chain": enc(c.pck_crl_issuer_chain)}
-                elif route == "/rootcacrl" and api.startswith("/sgx"):
-                    status, body = 200, c.root_ca_crl
-            send_reply(self, status, headers, body)
-
-    return HttpStandIn(Handler)
+    """The testkit's PCCS stand-in, recording what is asked for, serving the processor CA's PCK CRL."""
+    return serve_pccs(sgx, tdx, fmspc, requests=requests, pck_ca="processor")
 
 
 @pytest.fixture()
