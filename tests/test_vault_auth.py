@@ -6,7 +6,6 @@ as FAILED_PRECONDITION. No token or secret_id may appear in a log line.
 
 from __future__ import annotations
 
-import datetime
 import secrets
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from asps_testkit import (  # noqa: F401  (fixtures: client, env, ev1, logs)
     module_logs,
     write_policy,
 )
-from openbao import OpenBao
+from openbao import OpenBao, throwaway_pki
 
 import asps_server
 import kms
@@ -205,37 +204,10 @@ def test_classify_maps_config_errors_to_failed_precondition() -> None:
 
 def client_cert(where: Path, cn: str) -> tuple[Path, Path, Path]:
     """A client CA and a client certificate (clientAuth) it signed: (ca.pem, cert.pem, key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{cn} client CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca, cert, key = throwaway_pki(f"{cn} client CA", cn, ExtendedKeyUsageOID.CLIENT_AUTH)
     pem = serialization.Encoding.PEM
     where.mkdir(parents=True, exist_ok=True)
     paths = (where / "client-ca.pem", where / "client.pem", where / "client.key")
