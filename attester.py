@@ -64,6 +64,26 @@ def _write_report_data(path: Any, report_data: bytes, who: str) -> None:
         raise ProviderError(f"{who}: short write to {path}: {written} of {REPORT_DATA_SIZE} bytes")
 
 
+def _read_limited(path: Any, limit: int, who: str) -> bytes:
+    """At most `limit` bytes of a kernel or LibOS file (configfs-tsm's attributes, Gramine's
+    /dev/attestation), never through a symbolic link: anything larger is refused rather than read
+    whole, so a wrong root or a hostile file system gets a ProviderError, not a MemoryError."""
+    chunks, size = [], 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            while chunk := os.read(fd, min(65536, limit + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise ProviderError(f"{who}: {path} holds more than {limit} bytes")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ProviderError(f"{who}: cannot read {path}: {_os_reason(exc)}") from None
+    return b"".join(chunks)
+
+
 def _os_reason(exc: OSError) -> str:
     """'ENOENT (No such file or directory)': the errno name is what people search for."""
     name = errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
@@ -225,11 +245,7 @@ class GramineProvider:
         self.root = Path(root)
 
     def attestation_type(self) -> str:
-        path = self.root / "attestation_type"
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ProviderError(f"gramine: cannot read {path}: {_os_reason(exc)}") from None
+        raw = _read_limited(self.root / "attestation_type", 64, "gramine")
         return raw.rstrip(b"\0\n ").decode("ascii", "replace")
 
     def get_quote(self, report_data: bytes) -> bytes:
@@ -241,10 +257,7 @@ class GramineProvider:
         urd = self.root / "user_report_data"
         _write_report_data(urd, report_data, "gramine")
         qpath = self.root / "quote"
-        try:
-            quote = qpath.read_bytes()
-        except OSError as exc:
-            raise ProviderError(f"gramine: cannot read {qpath}: {_os_reason(exc)}") from None
+        quote = _read_limited(qpath, MAX_QUOTE_SIZE, "gramine")
         return check_quote(quote, report_data, f"gramine {qpath}")
 
 
@@ -273,26 +286,8 @@ class TdxProvider:
         self.root = Path(root)
         self._mkdir = mkdir
 
-    def _read(self, path: Path, limit: int) -> bytes:
-        """At most `limit` bytes, never through a symbolic link: a configfs attribute is a small file
-        (the quote at most MAX_QUOTE_SIZE), so anything larger is refused rather than read whole."""
-        chunks, size = [], 0
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                while chunk := os.read(fd, min(65536, limit + 1 - size)):
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > limit:
-                        raise ProviderError(f"tdx: {path} holds more than {limit} bytes")
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise ProviderError(f"tdx: cannot read {path}: {_os_reason(exc)}") from None
-        return b"".join(chunks)
-
     def _generation(self, entry: Path) -> int:
-        raw = self._read(entry / "generation", 32).strip()
+        raw = _read_limited(entry / "generation", 32, "tdx").strip()
         if not raw.isdigit():
             raise ProviderError(f"tdx: {entry / 'generation'} holds {raw[:32]!r}, not a number")
         return int(raw)
@@ -312,14 +307,14 @@ class TdxProvider:
                 os.rmdir(entry)
 
     def _quote_in(self, entry: Path, report_data: bytes) -> bytes:
-        provider = self._read(entry / "provider", 64).strip().decode("ascii", "replace")
+        provider = _read_limited(entry / "provider", 64, "tdx").strip().decode("ascii", "replace")
         if provider != TSM_PROVIDER_TDX:
             raise ProviderError(f"tdx: {entry / 'provider'} names {provider!r}, need {TSM_PROVIDER_TDX!r}")
         inblob, outblob = entry / "inblob", entry / "outblob"
         for _ in range(TSM_ATTEMPTS):
             before = self._generation(entry)
             _write_report_data(inblob, report_data, "tdx")
-            quote = self._read(outblob, MAX_QUOTE_SIZE)
+            quote = _read_limited(outblob, MAX_QUOTE_SIZE, "tdx")
             if self._generation(entry) == before + 1:
                 return check_quote(quote, report_data, f"tdx {outblob}")
         raise ProviderError(f"tdx: {entry / 'generation'} changed under us {TSM_ATTEMPTS} times: another "

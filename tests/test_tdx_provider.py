@@ -263,3 +263,19 @@ def test_an_oversized_attribute_is_refused(tmp_path):
     root.mkdir(parents=True)
     with pytest.raises(attester.ProviderError, match="generation holds more than 32 bytes"):
         attester.get_provider("tdx", tsm_root=str(root), mkdir=mkdir).get_quote(RD)
+
+
+def test_gramine_reads_its_quote_with_the_same_bound_and_no_links(tmp_path):
+    """Gramine's /dev/attestation goes through the same bounded, link-refusing read as configfs-tsm."""
+    root = tmp_path / "attestation"
+    root.mkdir()
+    (root / "attestation_type").write_text("dcap")
+    (root / "user_report_data").write_bytes(bytes(64))
+    os.symlink("/dev/zero", root / "quote")
+    gramine = attester.get_provider("gramine", root=str(root))
+    with pytest.raises(attester.ProviderError, match=r"gramine: cannot read .*quote"):
+        gramine.get_quote(RD)
+    (root / "quote").unlink()
+    (root / "quote").write_bytes(b"\1" * (attester.MAX_QUOTE_SIZE + 1))
+    with pytest.raises(attester.ProviderError, match="holds more than"):
+        gramine.get_quote(RD)
