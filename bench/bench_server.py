@@ -478,6 +478,7 @@ class Row:
     server_cpu_s: float
     server_cpu_ms_per_att: float
     peak_rss_mib: float
+    server_cores: float = float("nan")  # server CPU seconds / wall seconds: ~1.0 in one process = GIL-bound
     first_error: str = ""
     kms_cpu_ms_per_att: float = float("nan")  # OpenBao's own CPU (--kms vault, asps rows), same cores
 
@@ -547,6 +548,7 @@ def run_level(
         round(cpu, 2),
         cpu / n * 1000 if n else float("nan"),
         round(peak_rss_mib(pids), 1),
+        cpu / wall if wall else float("nan"),
         errs[0] if errs else "",
         kms_cpu / n * 1000 if n and kms_pids else float("nan"),
     )
@@ -656,14 +658,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     head = (
         f"{'server':12} {'callers':>7} {'att/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-        f"{'srv CPU s':>9} {'CPU ms/att':>10} {'peak RSS MiB':>12}"
+        f"{'srv CPU s':>9} {'CPU ms/att':>10} {'srv cores':>9} {'peak RSS MiB':>12}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
             f"{r.server:12} {r.callers:7} {r.rate:8.1f} {r.p50_ms:7.1f} {r.p99_ms:7.1f} {r.errors:6} "
-            f"{r.server_cpu_s:9.2f} {r.server_cpu_ms_per_att:10.2f} {r.peak_rss_mib:12.1f}"
+            f"{r.server_cpu_s:9.2f} {r.server_cpu_ms_per_att:10.2f} {r.server_cores:9.2f} "
+            f"{r.peak_rss_mib:12.1f}"
         )
     by = {(r.server, r.callers): r for r in rows}
     for c in levels:
