@@ -1599,7 +1599,16 @@ class _TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+# gRPC's asyncio layer logs at DEBUG while it holds its process-wide lock (init_grpc_aio), and the
+# destructors of its objects take that lock from whichever thread the garbage collector runs in, one
+# that is inside a logging handler (holding the handler's lock) included: with gRPC's DEBUG lines on,
+# the two wait for each other and every thread that logs hangs (seen in tests/test_faults.py). So
+# gRPC's loggers never go below INFO, whatever the level of the rest.
+GRPC_LOG_FLOOR = logging.INFO
+
+
 def setup_logging(fmt: str = "text", audit_file: str | None = None, level: int = logging.INFO) -> None:
+    logging.getLogger("grpc").setLevel(max(level, GRPC_LOG_FLOOR))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

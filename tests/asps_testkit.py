@@ -58,16 +58,20 @@ class LogCapture(logging.Handler):
 
 @contextlib.contextmanager
 def captured_logs() -> Iterator[LogCapture]:
+    """Every logger at DEBUG but gRPC's, which stays at INFO as in the server (asps_server.GRPC_LOG_FLOOR:
+    gRPC's asyncio layer logs at DEBUG while it holds its process-wide lock, a deadlock with the GC)."""
     cap = LogCapture()
-    root = logging.getLogger()
-    old_level = root.level
+    root, grpc_log = logging.getLogger(), logging.getLogger("grpc")
+    old_level, old_grpc_level = root.level, grpc_log.level
     root.addHandler(cap)
     root.setLevel(logging.DEBUG)
+    grpc_log.setLevel(asps_server.GRPC_LOG_FLOOR)
     try:
         yield cap
     finally:
         root.removeHandler(cap)
         root.setLevel(old_level)
+        grpc_log.setLevel(old_grpc_level)
 
 
 def assert_no_secret_in(lines: list[str], values: list[bytes | str]) -> None:

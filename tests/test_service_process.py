@@ -297,3 +297,57 @@ def test_sigterm_lets_the_in_flight_request_finish(env, openbao_server):  # noqa
         client.close()
         srv.kill()
     assert_no_secret_in(srv.err + srv.out, [value])
+
+
+# The scene of a hang seen in tests/test_faults.py, replayed in a fresh interpreter: a thread holds a
+# logging handler's lock (as one that is writing a line does) and needs gRPC's process-wide asyncio
+# lock (as an aio object's destructor, run by the GC in that thread, does), while the loop thread
+# holds that lock and, with gRPC's DEBUG lines on, waits for the handler. setup_logging keeps gRPC's
+# loggers at INFO whatever the level asked for, so the loop never waits for the handler there.
+_AIO_LOCK_SCENE = r"""
+import asyncio, logging, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import asps_server, grpc
+from grpc._cython import cygrpc
+
+asps_server.setup_logging(level=logging.DEBUG)
+handler = logging.getLogger().handlers[0]
+loop_in_grpc_lock, handler_taken = threading.Event(), threading.Event()
+
+def pause_in_grpc_lock(record):
+    # gRPC's aio set-up logs this line while it holds its lock (only if its DEBUG lines are on):
+    # hold the loop thread here until this handler is taken by the main thread, as by a writer.
+    if record.getMessage().startswith("Using ") and "I/O engine" in record.getMessage():
+        loop_in_grpc_lock.set()
+        handler_taken.wait(10)
+    return True
+
+handler.addFilter(pause_in_grpc_lock)  # filters run before Handler.handle takes the handler's lock
+loop = asyncio.new_event_loop()
+
+async def make():
+    return grpc.aio.server()  # the process's first aio object: gRPC's aio set-up, under its lock
+
+threading.Thread(target=loop.run_until_complete, args=(make(),), daemon=True).start()
+loop_in_grpc_lock.wait(3)  # never set when gRPC's DEBUG lines are off
+handler.acquire()  # the main thread is "inside the handler", writing a line...
+handler_taken.set()
+time.sleep(0.5)  # ...while the loop thread (if it logged under gRPC's lock) waits for the handler
+cygrpc.init_grpc_aio()  # ...and the GC runs an aio destructor here, which takes gRPC's lock first
+handler.release()
+print("no deadlock", flush=True)
+"""
+
+
+def test_grpc_debug_lines_stay_off_so_the_gc_cannot_deadlock_logging():
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _AIO_LOCK_SCENE, str(REPO)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlock: the loop thread waited for a logging handler while holding gRPC's lock")
+    assert done.returncode == 0 and "no deadlock" in done.stdout, done.stderr[-2000:]
