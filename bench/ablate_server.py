@@ -16,6 +16,8 @@ ASPS_BENCH_ABLATE is a comma-separated list of:
   inline             WorkPool.run calls its function on the event loop's own thread: no hand-off to
                      the pool and back. Against issue 11 item 1 (a slow verification or KMS read
                      then stops the loop); it measures what the hand-off costs under the GIL.
+  batched            one worker thread instead of the pool, which wakes the loop once per batch of
+                     finished calls rather than once per call (no admission bound: measurement only).
 
 Each of these removes a check or a record the product must keep; the numbers only bound what the
 part costs under load. Nothing here is imported by the product or the tests.
@@ -81,12 +83,52 @@ def inline() -> None:
     asps_server.WorkPool.run = run
 
 
+def batched() -> None:
+    import asyncio
+    import queue
+    import threading
+
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    started: list[threading.Thread] = []
+
+    def deliver(results: list) -> None:
+        for fut, ok, value in results:
+            if not fut.cancelled():
+                fut.set_result(value) if ok else fut.set_exception(value)
+
+    def worker(loop: asyncio.AbstractEventLoop) -> None:
+        results: list = []
+        while True:
+            try:
+                fut, fn = jobs.get(block=not results)
+            except queue.Empty:  # nothing more queued: hand the batch back in one wake-up
+                loop.call_soon_threadsafe(deliver, results)
+                results = []
+                continue
+            try:
+                results.append((fut, True, fn()))
+            except BaseException as e:  # handed to the awaiting call
+                results.append((fut, False, e))
+
+    async def run(self, fn):
+        loop = asyncio.get_running_loop()
+        if not started:
+            started.append(threading.Thread(target=worker, args=(loop,), daemon=True))
+            started[0].start()
+        fut = loop.create_future()
+        jobs.put((fut, fn))
+        return await fut
+
+    asps_server.WorkPool.run = run
+
+
 ABLATIONS = {
     "seal-only": seal_only,
     "no-audit": no_audit,
     "no-receive-limit": no_receive_limit,
     "gc-freeze": gc_freeze,
     "inline": inline,
+    "batched": batched,
 }
 
 if __name__ == "__main__":
