@@ -374,7 +374,10 @@ done
 
 # ---------------------------------------------------------------- AppRole credentials
 if [ "$AUTH" = approle ]; then
-    if ! cli auth list -format=json | grep -q '"approle/"'; then
+    # Read the whole list first: under pipefail, `cli ... | grep -q` fails whenever grep stops reading
+    # before the CLI has written everything (SIGPIPE), and approle would be "enabled" a second time.
+    auth_methods="$(cli auth list -format=json)"
+    if ! grep -qF '"approle/"' <<<"$auth_methods"; then
         cli auth enable approle >/dev/null
         info "enabled the approle auth method at approle/"
     fi

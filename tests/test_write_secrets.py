@@ -249,6 +249,23 @@ def openbao_kv2(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
+def test_no_pipeline_stops_reading_early_under_pipefail() -> None:
+    """`cmd | grep -q`, `| head` or `| grep -m` end the pipeline's reader before the writer is done:
+    the writer gets SIGPIPE, and under pipefail the pipeline fails although the text was found.
+    write_secrets.sh's `bao auth list | grep -q approle/` did (8 in 300 runs against OpenBao), and a
+    rerun then tried to enable approle again and failed. None of our pipefail scripts may do it."""
+    early_exit = re.compile(r"\|\s*(head\b|grep\s+(-\w*[qm]|--quiet|--max-count))")
+    found = []
+    for script in ("write_secrets.sh", "run.sh", "build_occlum_instance.sh", ".ci/run"):
+        text = (REPO / script).read_text()
+        assert "pipefail" in text, f"{script} no longer sets pipefail: update this test"
+        for number, line in enumerate(text.splitlines(), 1):
+            code = line.split("#", 1)[0] if line.lstrip().startswith("#") else line
+            if early_exit.search(code):
+                found.append(f"{script}:{number}: {line.strip()}")
+    assert not found, found
+
+
 def test_policy_fills_addr_too(openbao_kv2: OpenBao, tmp_path: Path) -> None:
     policy = tmp_path / "policy_vault.json"
     policy_template(policy, "http://vault.example.invalid:8200")  # the example's placeholder address
