@@ -34,10 +34,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_server import SECRET_VALUE  # the value of the benchmark policy's one name, "master_key"
+
 import asps_server
 import ops
-
-BENCH_VALUE = ("bench-" + "ab" * 16).encode()  # bench_server.SECRET_VALUE, the one name "master_key"
 
 
 def seal_only() -> None:
@@ -49,7 +49,7 @@ def seal_only() -> None:
         if key is None:
             key = keys[digest] = asps_server.evidence_public_key(asps_server.evidence_der(evidence))
         suite = asps_server.sealing_suite(key)
-        return "1", asps_server.seal(suite, key, {"master_key": BENCH_VALUE}, token)
+        return "1", asps_server.seal(suite, key, {"master_key": SECRET_VALUE.encode()}, token)
 
     asps_server.Provisioner.get_secrets = get_secrets
 

@@ -29,7 +29,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
+
+from bench_server import asps_flags, free_port  # noqa: E402
 
 ATTACKS = ("bodyless", "silent", "flood", "malformed", "refused")
 DEADLINE = 2.0
@@ -251,12 +252,6 @@ def legitimate(port: int, ca: bytes, evidence: list[Any], seconds: float) -> tup
 # --- setup and the run ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, bytes, Path]:
     import asps_server
     import sgxsim
@@ -270,18 +265,7 @@ def start_server(tmp: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[
     argv = [
         sys.executable,
         str(Path(args.server_script).resolve()),
-        "--host",
-        f"127.0.0.1:{port}",
-        "--cert",
-        str(certs / "server.crt"),
-        "--key",
-        str(certs / "server.key"),
-        "--policy",
-        str(tmp / "policy.json"),
-        "--collateral",
-        str(plat.directory / "collateral.json"),
-        "--root-ca",
-        str(plat.directory / "root_ca.pem"),
+        *asps_flags(port, certs, tmp / "policy.json", plat.directory),
         "--threads",
         str(args.threads),
         *args.server_arg,

@@ -30,8 +30,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from bench_server import SECRET_VALUE, Server, free_port, make_setup  # noqa: E402
+from bench_server import SECRET_VALUE, Server, asps_flags, free_port, make_setup  # noqa: E402
 
+PEER = "python -c 'import grpc, cryptography'"  # issue 12's yardstick
 KEY_AND_CERT = "import grpc, cryptography.x509, cryptography.hazmat.primitives.asymmetric.ec"
 FLOOR = KEY_AND_CERT + ", cryptography.hazmat.primitives.hpke, google.protobuf.descriptor_pool"
 
@@ -69,14 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         setup = make_setup(Path(tmp), "json")
         port = free_port()
         server = Server(
-            [py, str(REPO / "asps_server.py"), "--host", f"127.0.0.1:{port}",
-             "--cert", str(setup.certs / "server.crt"), "--key", str(setup.certs / "server.key"),
-             "--policy", str(setup.policy), "--collateral", str(setup.sim_dir / "collateral.json"),
-             "--root-ca", str(setup.sim_dir / "root_ca.pem")],
+            [py, str(REPO / "asps_server.py"), *asps_flags(port, setup.certs, setup.policy, setup.sim_dir)],
             {"ASPS_TOKEN_KEY": secrets.token_hex(32)},
             port,
             Path(tmp) / "server.log",
-        )  # fmt: skip
+        )
         try:
             server.wait_ready()
             client = [py, str(REPO / "asps_client.py"), "--host", f"localhost:{port}",
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = (
                 ("asps_client.py (sim), start to secret", client, SECRET_VALUE),
                 ("python -c 'import asps_client'", [py, "-c", "import asps_client"], None),
-                ("python -c 'import grpc, cryptography'", [py, "-c", "import grpc, cryptography"], None),
+                (PEER, [py, "-c", "import grpc, cryptography"], None),
                 ("grpc + cryptography's x509 and ec", [py, "-c", KEY_AND_CERT], None),
                 ("floor: those + hpke + protobuf runtime", [py, "-c", FLOOR], None),
                 ("python -c pass", [py, "-c", "pass"], None),
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
         return 0
     print(f"cold start, median of {args.n} runs (after one warm-up), nproc={os.cpu_count()}")
-    peer = rows[2][1][0]
+    peer = dict(rows)[PEER][0]
     print(f"{'what':42} {'median ms':>10} {'min':>7} {'max':>7} {'x peer':>7}")
     for what, (m, lo, hi) in rows:
         print(f"{what:42} {m:10.0f} {lo:7.0f} {hi:7.0f} {m / peer:7.2f}")

@@ -157,6 +157,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def asps_flags(port: int, certs: Path, policy: Path, sim_dir: Path) -> list[str]:
+    """asps_server.py's flags as every benchmark starts it: loopback `port`, the demo TLS pair in
+    `certs`, a policy file, and a simulated platform's collateral and root in `sim_dir`."""
+    return [
+        "--host",
+        f"127.0.0.1:{port}",
+        "--cert",
+        str(certs / "server.crt"),
+        "--key",
+        str(certs / "server.key"),
+        "--policy",
+        str(policy),
+        "--collateral",
+        str(sim_dir / "collateral.json"),
+        "--root-ca",
+        str(sim_dir / "root_ca.pem"),
+    ]
+
+
 def proc_tree(pid: int) -> list[int]:
     """pid and all its descendants (workers)."""
     out, todo = [], [pid]
@@ -419,18 +438,7 @@ def start_servers(kind: str, setup: Setup, args: argparse.Namespace, token_key: 
                 sys.executable,
                 *_profiler(args),
                 str(args.server_script),
-                "--host",
-                f"127.0.0.1:{port}",
-                "--cert",
-                str(setup.certs / "server.crt"),
-                "--key",
-                str(setup.certs / "server.key"),
-                "--policy",
-                str(setup.policy),
-                "--collateral",
-                str(setup.sim_dir / "collateral.json"),
-                "--root-ca",
-                str(setup.sim_dir / "root_ca.pem"),
+                *asps_flags(port, setup.certs, setup.policy, setup.sim_dir),
                 "--threads",
                 str(args.threads),
                 *args.server_arg,
