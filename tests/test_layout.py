@@ -84,20 +84,31 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# Printed by a fresh interpreter: which of this checkout's own modules it has loaded (a JSON list).
+PRINT_OUR_MODULES = (
+    "repo = pathlib.Path.cwd().resolve()\n"
+    "print(json.dumps(sorted(n for n, m in sys.modules.items()\n"
+    "    if getattr(m, '__file__', None) and pathlib.Path(m.__file__).resolve().parent == repo)))\n"
+)
+
+
+def fresh_python(code: str, *args: str) -> str:
+    """Run `code` in a new interpreter in the checkout, as an enclave or a server starts; its stdout."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_import_asps_client_loads_exactly_the_enclave_side():
     """A fresh interpreter, as in an enclave: which of our modules does `import asps_client` load?"""
     code = (
         "import json, pathlib, sys\n"
         "import asps_client\n"
-        "repo = pathlib.Path.cwd().resolve()\n"
-        "print(json.dumps(sorted(n for n, m in sys.modules.items()\n"
-        "    if getattr(m, '__file__', None) and pathlib.Path(m.__file__).resolve().parent == repo)))\n"
-        "print(json.dumps('cryptography.x509' in sys.modules))\n"
+        + PRINT_OUR_MODULES
+        + "print(json.dumps('cryptography.x509' in sys.modules))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr
-    modules, x509_loaded = proc.stdout.splitlines()
+    modules, x509_loaded = fresh_python(code).splitlines()
     loaded = set(json.loads(modules))
     # cryptography.x509 is most of the cold start: imported when a certificate is made, not before
     assert json.loads(x509_loaded) is False
@@ -127,10 +138,7 @@ def test_path_only_modules_load_with_their_path_not_with_the_import():
         "attester.GramineProvider('/nonexistent/attestation')\n"
         "print(json.dumps([n for n in names if n in sys.modules]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr
-    at_import, after_paths = (json.loads(line) for line in proc.stdout.splitlines())
+    at_import, after_paths = (json.loads(line) for line in fresh_python(code).splitlines())
     assert at_import == []
     assert after_paths == list(PATH_ONLY_MODULES)
 
@@ -211,14 +219,10 @@ def test_occlum_server_image_holds_every_module_the_server_loads(sim_platform):
         "import asps_server, dcap, policy_check, sgxsim\n"
         "p = sgxsim.SimPlatform.init(sys.argv[1])\n"
         "dcap.Verifier(p.collateral(), root_ca=p.root_ca_der).verify(p.make_quote(b'x' * 64))\n"
-        "repo = pathlib.Path.cwd().resolve()\n"
-        "print(json.dumps(sorted(n for n, m in sys.modules.items()\n"
-        "    if getattr(m, '__file__', None) and pathlib.Path(m.__file__).resolve().parent == repo)))\n"
+        + PRINT_OUR_MODULES
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(sim_platform.directory)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    loaded = set(json.loads(proc.stdout)) - {"sgxsim", "dcap_cli"}  # the test's own tools
+    loaded = set(json.loads(fresh_python(code, str(sim_platform.directory)))) - {"sgxsim", "dcap_cli"}
+    # (sgxsim and dcap_cli: the test's own tools)
     assert "x509_chain" in loaded
     script = (REPO / "build_occlum_instance.sh").read_text()
     match = re.search(r'^ASPS_SERVER_FILES="\$\{ASPS_SERVER_FILES:-([^}]*)\}"', script, re.M)
